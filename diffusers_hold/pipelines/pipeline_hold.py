@@ -1,0 +1,117 @@
+"""HOLDPipeline: unconditional image generation that carries the full HOLD state explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.models import ModelMixin, UNet2DModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..schedulers.scheduling_hold import HOLDScheduler
+
+__all__ = ["HOLDPipeline", "DiffusionPipeline", "ModelMixin"]
+
+
+class HOLDPipeline(DiffusionPipeline):
+    """Unconditional generation with a :class:`~diffusers_hold.HOLDScheduler`.
+
+    The UNet reads the whole state (``unet.config.in_channels == order * C``) and predicts the last block's noise
+    (``unet.config.out_channels == C``). The state ``[q | p | s | ...]`` travels through the loop as ``latents``;
+    the images are its position block ``q``, mapped from ``[-1, 1]`` to ``[0, 1]``.
+
+    Args:
+        unet ([`~diffusers.UNet2DModel`]): the noise predictor.
+        scheduler ([`HOLDScheduler`]): the HOLD sampler.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: HOLDScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _check_components(self) -> int:
+        if not isinstance(self.scheduler, HOLDScheduler):
+            raise ValueError(f"HOLDPipeline needs a HOLDScheduler, got {type(self.scheduler).__name__}.")
+        order, cfg = self.scheduler.config.order, self.unet.config
+        if cfg.in_channels != order * cfg.out_channels:
+            raise ValueError(
+                f"The UNet reads {cfg.in_channels} channels and predicts {cfg.out_channels}; a HOLD scheduler of "
+                f"order {order} needs in_channels == order * out_channels ({order * cfg.out_channels})."
+            )
+        return cfg.out_channels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 250,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images.
+            generator (`torch.Generator` or list of them, *optional*): makes generation deterministic.
+            num_inference_steps (`int`, defaults to 250): number of model calls.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (float array in ``[0, 1]``, NHWC), `"pt"`
+                (tensor in ``[0, 1]``, NCHW) or `"latent"` (the final full HOLD state, unclipped).
+            return_dict (`bool`, defaults to `True`): return an [`~diffusers.ImagePipelineOutput`].
+            latents (`torch.Tensor` of shape `(batch, order * C, H, W)`, *optional*): initial state; drawn from the
+                prior ``N(0, L_inv)`` when omitted.
+            callback_on_step_end (`Callable`, *optional*): called as ``callback(pipe, i, t, kwargs)`` after every
+                step with the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns may
+                replace them (``"latents"`` is the full HOLD state).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
+
+        Returns:
+            [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"Callback tensor input {name!r} is not one of {self._callback_tensor_inputs}.")
+        channels = self._check_components()
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = latents * self.scheduler.init_noise_sigma
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
+        else:
+            latents = latents.to(device=device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            noise_pred = self.unet(model_input, t).sample
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, tensors)
+                latents = outputs.pop("latents", latents)
+
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            image = latents
+        else:
+            image = (latents[:, :channels] / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    image = self.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
