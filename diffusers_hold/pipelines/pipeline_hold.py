@@ -99,8 +99,8 @@ class HOLDPipeline(DiffusionPipeline):
             noise_pred = self.unet(model_input, t).sample
             latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
             if callback_on_step_end is not None:
-                tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
-                outputs = callback_on_step_end(self, i, t, tensors)
+                tensors = {"latents": latents}
+                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                 latents = outputs.pop("latents", latents)
 
         self.maybe_free_model_hooks()

@@ -297,10 +297,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         ell, c = self._x0_coefficients
         pred_original = ((coef(ell)[None, :, None] * state).sum(1) - eps[:, 0]) / coef(c)
         steps = self._steps
-        prev = coef(steps.state_matrix) @ state + coef(steps.eps_vector)[None, :, None] * eps
+        prev = (
+            torch.einsum("ij,bjr->bir", coef(steps.state_matrix), state) + coef(steps.eps_vector)[None, :, None] * eps
+        )
         if steps.noise_matrix is not None and steps.noise_matrix[index].any():
             noise = randn_tensor(sample.shape, generator=generator, device=device, dtype=dtype)
-            prev = prev + coef(steps.noise_matrix) @ noise.reshape_as(state)
+            prev = prev + torch.einsum("ij,bjr->bir", coef(steps.noise_matrix), noise.reshape_as(state))
         prev_sample = prev.reshape(sample.shape)
         pred_original_sample = pred_original.reshape(model_output.shape)
         if not return_dict:

@@ -1,0 +1,86 @@
+"""Gaussian data whose HOLD marginals, exact score and exact sampler output law are known in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffusers_hold import HOLDScheduler
+
+
+class GaussianData:
+    """Data ``x_0 ~ N(mean, cov)`` in ``C`` dimensions, noised by the HOLD kernel of ``dynamics``.
+
+    The state is laid out block-major, ``[q (C) | p (C) | ...]``, so its marginal at time t is
+    ``N(kron(a_t, mean), kron(a_t a_t^T, cov) + kron(Sigma_t, I_C))``, with ``a_t`` and ``Sigma_t`` computed
+    independently here (scipy matrix exponential and Van Loan) rather than by the code under test.
+    """
+
+    def __init__(self, scheduler: HOLDScheduler, mean, cov):
+        self.scheduler = scheduler
+        self.mean = np.atleast_1d(np.asarray(mean, dtype=float))
+        self.cov = np.atleast_2d(np.asarray(cov, dtype=float))
+        self.channels = len(self.mean)
+        dyn = scheduler.dynamics
+        n = dyn.order
+        self._drift = dyn.drift_matrix.numpy()
+        self._gg = np.zeros((n, n))
+        self._gg[-1, -1] = dyn.diffusion_sq
+        self._cov0 = np.diag([0.0] + [dyn.aux_init_var * dyn.L_inv] * (n - 1))
+        self._eps = dyn.eps_num
+
+    def kernel(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel mean coefficients and covariance at time t, from scipy alone.
+
+        Van Loan's block exponential for t < 1; for t >= 1, where it loses digits to ``e^{+rt}``,
+        ``Sigma_inf - e^{Ft} Sigma_inf e^{Ft}^T`` with ``Sigma_inf`` from scipy's Lyapunov solver.
+        """
+        import scipy.linalg
+
+        n = self._drift.shape[0]
+        transition = scipy.linalg.expm(self._drift * t)
+        if t < 1.0:
+            block = np.block([[-self._drift, self._gg], [np.zeros((n, n)), self._drift.T]]) * t
+            van_loan = scipy.linalg.expm(block)
+            noise = van_loan[n:, n:].T @ van_loan[:n, n:]
+        else:
+            stationary = scipy.linalg.solve_continuous_lyapunov(self._drift, -self._gg)
+            noise = stationary - transition @ stationary @ transition.T
+        cov = noise + transition @ self._cov0 @ transition.T + self._eps * np.eye(n)
+        return transition[:, 0], cov
+
+    def marginal(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        a, sigma = self.kernel(t)
+        return np.kron(a, self.mean), np.kron(np.outer(a, a), self.cov) + np.kron(sigma, np.eye(self.channels))
+
+    def eps_prediction(self, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The exact ``E[eps_n | z_t]`` a perfect HOLD model would output, shape ``(batch, C)``."""
+        t = float(self.scheduler.timestep_to_time(timestep))
+        mu, cov = self.marginal(t)
+        _, sigma = self.kernel(t)
+        last_diag = np.linalg.cholesky(sigma)[-1, -1]
+        score = -(z.double().numpy() - mu) @ np.linalg.inv(cov)  # (batch, n C), symmetric precision
+        return torch.from_numpy(-score[:, -self.channels :] * last_diag).to(z.dtype)
+
+    def output_law(self, t_end: float, denoised: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Exact law of the position block at ``t_end``, or of ``E[x_0 | z]`` there when ``denoised``."""
+        mu, cov = self.marginal(t_end)
+        c = self.channels
+        if not denoised:
+            return mu[:c], cov[:c, :c]
+        a, _ = self.kernel(t_end)
+        cross = np.kron(a[None, :], self.cov)  # Cov(x0, z), (C, n C)
+        return self.mean, cross @ np.linalg.solve(cov, cross.T)
+
+
+def sample_with_exact_score(data: GaussianData, num_inference_steps: int, num_samples: int, seed: int = 0):
+    """Run the scheduler's public loop with the exact model; returns the final states (float64)."""
+    sched = data.scheduler
+    sched.set_timesteps(num_inference_steps)
+    generator = torch.Generator().manual_seed(seed)
+    n = sched.config.order
+    z = torch.randn(num_samples, n * data.channels, generator=generator, dtype=torch.float64) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        model_input = sched.scale_model_input(z, t)
+        z = sched.step(data.eps_prediction(model_input, t), t, z, generator=generator).prev_sample
+    return z
