@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers.models import ModelMixin, UNet2DModel
+from diffusers.models import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..schedulers.scheduling_hold import HOLDScheduler
 
-__all__ = ["HOLDPipeline", "DiffusionPipeline", "ModelMixin"]
+__all__ = ["HOLDPipeline"]
 
 
 class HOLDPipeline(DiffusionPipeline):

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..dynamics import HOLDDynamics, LinearStep
 
-__all__ = ["HOLDScheduler", "HOLDSchedulerOutput", "SchedulerMixin"]
+__all__ = ["HOLDScheduler", "HOLDSchedulerOutput"]
 
 SOLVERS = ("euler_maruyama", "sscs", "ddim")
 TIMESTEP_SPACINGS = ("linear", "quadratic")
