@@ -63,7 +63,11 @@ class GaussianData:
         return torch.from_numpy(-score[:, -self.channels :] * last_diag).to(z.dtype)
 
     def output_law(self, t_end: float, denoised: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Exact law of the position block at ``t_end``, or of ``E[x_0 | z]`` there when ``denoised``."""
+        """Exact law of the position block at ``t_end``, or of ``E[x_0 | z]`` there when ``denoised``.
+
+        A denoising final step returns (an approximation of) the posterior mean, whose law is narrower than the
+        data's by the posterior variance at ``t_end`` (about 2 % at order 1, negligible for orders >= 2).
+        """
         mu, cov = self.marginal(t_end)
         c = self.channels
         if not denoised:

@@ -310,7 +310,7 @@ CASES = [(s, sp, st, o, b) for s, sp, st, orders, b in EXACT_LAW_BOUNDS for o in
 
 @pytest.mark.parametrize(("solver", "spacing", "steps", "order", "bound"), CASES)
 def test_sampler_reproduces_scalar_gaussian_law(solver, spacing, steps, order, bound):
-    """Exact moments of the discretised sampler (no Monte Carlo error) against the exact data law."""
+    """Exact moments of the discretised sampler (no Monte Carlo error) against the data law."""
     scheduler = HOLDScheduler(order=order, solver=solver, timestep_spacing=spacing)
     data = GaussianData(scheduler, [0.5], [[0.09]])
     mean, cov = exact_sampler_law(data, steps)

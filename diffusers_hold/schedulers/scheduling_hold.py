@@ -82,7 +82,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         solver (`str`, defaults to `"euler_maruyama"`): `"euler_maruyama"`, `"sscs"` or `"ddim"`.
         timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, the model predicts the last block's noise.
-        denoise_final (`bool`, defaults to `True`): make the last model call a noise-free denoising step.
+        denoise_final (`bool`, defaults to `True`): make the last model call a noise-free Euler step of the reverse
+            SDE from ``sampling_eps`` to 0.
     """
 
     _compatibles = []

@@ -1,0 +1,40 @@
+"""Bundled data and image helpers."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from diffusers_hold.data import load_digits_images
+from diffusers_hold.utils import image_grid
+
+
+def test_digits_are_scaled_to_minus_one_one_and_keep_their_labels():
+    images, labels = load_digits_images(8)
+    raw = load_digits()
+    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
+    np.testing.assert_allclose(images[:, 0].numpy(), raw.images / 8.0 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(labels.numpy(), raw.target)
+    upscaled, _ = load_digits_images(16)
+    assert upscaled.shape == (1797, 1, 16, 16)
+    assert upscaled.min() >= -1 and upscaled.max() <= 1
+    # bicubic upscaling keeps the image: block means of the 16x16 version follow the 8x8 original
+    blocks = upscaled[:, 0].reshape(1797, 8, 2, 8, 2).mean((2, 4))
+    assert np.corrcoef(blocks.flatten(), images.flatten())[0, 1] > 0.95
+    with pytest.raises(ValueError, match="resolution"):
+        load_digits_images(4)
+
+
+def test_image_grid_places_cells_with_gaps():
+    cells = [Image.fromarray(np.full((3, 2), 10 * (i + 1), dtype=np.uint8)) for i in range(5)]
+    grid = image_grid(cells, cols=3, padding=1, scale=2, background=0)
+    assert grid.size == (3 * 4 + 4, 2 * 6 + 3)
+    arr = np.asarray(grid)
+    assert (arr[0] == 0).all() and (arr[:, 0] == 0).all()  # border
+    np.testing.assert_array_equal(arr[1:7, 1:5], 10)  # first cell, enlarged 2x
+    np.testing.assert_array_equal(arr[8:14, 6:10], 50)  # fifth cell: row 1, column 1
+    np.testing.assert_array_equal(arr[8:14, 11:15], 0)  # the empty sixth slot stays background
+    with pytest.raises(ValueError, match="one size"):
+        image_grid([cells[0], Image.new("L", (5, 5))])
+    with pytest.raises(ValueError, match="at least one"):
+        image_grid([])
