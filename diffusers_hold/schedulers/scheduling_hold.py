@@ -301,9 +301,14 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         prev = (
             torch.einsum("ij,bjr->bir", coef(steps.state_matrix), state) + coef(steps.eps_vector)[None, :, None] * eps
         )
-        if steps.noise_matrix is not None and steps.noise_matrix[index].any():
-            noise = randn_tensor(sample.shape, generator=generator, device=device, dtype=dtype)
-            prev = prev + torch.einsum("ij,bjr->bir", coef(steps.noise_matrix), noise.reshape_as(state))
+        if steps.noise_matrix is not None:
+            # draw noise only for the blocks it enters through (Euler-Maruyama: the last block alone)
+            columns = steps.noise_matrix[index].abs().sum(0).nonzero()[:, 0]
+            if len(columns):
+                shape = (state.shape[0], len(columns), state.shape[2])
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                noise_matrix = steps.noise_matrix[index][:, columns].to(device=device, dtype=dtype)
+                prev = prev + torch.einsum("ij,bjr->bir", noise_matrix, noise)
         prev_sample = prev.reshape(sample.shape)
         pred_original_sample = pred_original.reshape(model_output.shape)
         if not return_dict:
