@@ -18,8 +18,10 @@ class HOLDPipeline(DiffusionPipeline):
     """Unconditional generation with a :class:`~diffusers_hold.HOLDScheduler`.
 
     The UNet reads the whole state (``unet.config.in_channels == order * C``) and predicts the last block's noise
-    (``unet.config.out_channels == C``). The state ``[q | p | s | ...]`` travels through the loop as ``latents``;
-    the images are its position block ``q``, mapped from ``[-1, 1]`` to ``[0, 1]``.
+    (``unet.config.out_channels == C``); or, with ``HOLDScheduler(prediction_type="vp_epsilon")``, it is a stock
+    pretrained VP epsilon UNet (``C`` channels in and out) that the scheduler turns into a HOLD score (zero-shot).
+    The state ``[q | p | s | ...]`` travels through the loop as ``latents``; the images are its position block
+    ``q``, mapped from ``[-1, 1]`` to ``[0, 1]``.
 
     Args:
         unet ([`~diffusers.UNet2DModel`]): the noise predictor.
@@ -34,13 +36,21 @@ class HOLDPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def _check_components(self) -> int:
+        """Channels ``C`` of one HOLD block; raises if the UNet does not fit the scheduler."""
         if not isinstance(self.scheduler, HOLDScheduler):
             raise ValueError(f"HOLDPipeline needs a HOLDScheduler, got {type(self.scheduler).__name__}.")
         order, cfg = self.scheduler.config.order, self.unet.config
-        if cfg.in_channels != order * cfg.out_channels:
+        if self.scheduler.config.prediction_type == "vp_epsilon":
+            if cfg.in_channels != cfg.out_channels:
+                raise ValueError(
+                    f'prediction_type="vp_epsilon" needs a VP epsilon UNet with in_channels == out_channels, got '
+                    f"{cfg.in_channels} and {cfg.out_channels}."
+                )
+        elif cfg.in_channels != order * cfg.out_channels:
             raise ValueError(
                 f"The UNet reads {cfg.in_channels} channels and predicts {cfg.out_channels}; a HOLD scheduler of "
-                f"order {order} needs in_channels == order * out_channels ({order * cfg.out_channels})."
+                f"order {order} needs in_channels == order * out_channels ({order * cfg.out_channels}), or "
+                'prediction_type="vp_epsilon" for a stock VP UNet.'
             )
         return cfg.out_channels
 
@@ -83,7 +93,7 @@ class HOLDPipeline(DiffusionPipeline):
         channels = self._check_components()
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
+        shape = (batch_size, self.scheduler.config.order * channels, *size)
         device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)

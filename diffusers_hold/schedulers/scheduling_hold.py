@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -24,7 +25,8 @@ __all__ = ["HOLDScheduler", "HOLDSchedulerOutput"]
 
 SOLVERS = ("euler_maruyama", "sscs", "ddim")
 TIMESTEP_SPACINGS = ("linear", "quadratic")
-PREDICTION_TYPES = ("epsilon",)
+PREDICTION_TYPES = ("epsilon", "vp_epsilon")
+BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
 @dataclass
@@ -81,9 +83,18 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         sampling_eps (`float`, defaults to 1e-3): continuous time at which sampling stops.
         solver (`str`, defaults to `"euler_maruyama"`): `"euler_maruyama"`, `"sscs"` or `"ddim"`.
         timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``.
-        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, the model predicts the last block's noise.
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`: a HOLD model predicts the last block's noise
+            from the whole state. `"vp_epsilon"`: zero-shot HOLD with a pretrained VP (DDPM) epsilon model; the
+            model sees ``sqrt(alpha_bar) * s`` (``C`` channels), where ``s`` is the sufficient statistic of the state
+            for ``x_0``, at the VP timestep whose ``alphas_cumprod`` is ``1 / (1 + Var(s - x_0))`` (clamped to the
+            VP table), and its ``x0`` estimate gives the exact HOLD score when the model is exact.
         denoise_final (`bool`, defaults to `True`): make the last model call a noise-free Euler step of the reverse
             SDE from ``sampling_eps`` to 0.
+        beta_start (`float`, defaults to 0.0001), beta_end (`float`, defaults to 0.02), beta_schedule (`str`,
+            defaults to `"linear"`), trained_betas (`list[float]`, *optional*): the VP noise schedule of the model
+            for `"vp_epsilon"`, under diffusers' names so that ``HOLDScheduler.from_config(pipe.scheduler.config,
+            prediction_type="vp_epsilon")`` takes them from a stock scheduler (``"linear"`` or
+            ``"scaled_linear"`` over ``num_train_timesteps`` steps). Unused with `"epsilon"`.
     """
 
     _compatibles = []
@@ -102,8 +113,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         sampling_eps: float = 1e-3,
         solver: Literal["euler_maruyama", "sscs", "ddim"] = "euler_maruyama",
         timestep_spacing: Literal["linear", "quadratic"] = "linear",
-        prediction_type: Literal["epsilon"] = "epsilon",
+        prediction_type: Literal["epsilon", "vp_epsilon"] = "epsilon",
         denoise_final: bool = True,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: Literal["linear", "scaled_linear"] = "linear",
+        trained_betas: list[float] | None = None,
     ):
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}.")
@@ -116,16 +131,29 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             ("solver", solver, SOLVERS),
             ("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS),
             ("prediction_type", prediction_type, PREDICTION_TYPES),
+            ("beta_schedule", beta_schedule, BETA_SCHEDULES),
         ):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}.")
         self.dynamics = HOLDDynamics(order, L_inv=L_inv, aux_init_var=aux_init_var, eps_num=eps_num)
+        if trained_betas is not None:
+            betas = torch.tensor(trained_betas, dtype=torch.float64)
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        else:
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        if len(betas) != num_train_timesteps or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"The VP betas must be {num_train_timesteps} values in (0, 1).")
+        # alpha_bar of the VP model, used by prediction_type="vp_epsilon"
+        self.vp_alphas_cumprod = torch.cumprod(1.0 - betas, 0)
 
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self._steps: LinearStep | None = None
         self._x0_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._vp_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._begin_index: int | None = None
+        self._step_index: int | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -228,11 +256,36 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._steps = steps
         self._x0_coefficients = dyn.x0_coefficients(eval_times)
         self.num_inference_steps = len(eval_times)
-        self.timesteps = self.time_to_timestep(eval_times).to(device=device, dtype=torch.float32)
+        if cfg.prediction_type == "vp_epsilon":
+            model_timesteps = self._set_vp_inputs(eval_times)
+        else:
+            model_timesteps = self.time_to_timestep(eval_times)
+        self.timesteps = model_timesteps.to(device=device, dtype=torch.float32)
         self._begin_index = None
+        self._step_index = None
+
+    def _set_vp_inputs(self, eval_times: torch.Tensor) -> torch.Tensor:
+        """Sufficient-statistic weights, VP ``alpha_bar`` and fractional VP timesteps for the zero-shot mode.
+
+        The timestep is interpolated linearly in the VP table's log-SNR; ``alpha_bar`` is clamped to the range the
+        VP model was trained on.
+        """
+        weights, variance = self.dynamics.sufficient_statistic(eval_times)
+        table = self.vp_alphas_cumprod
+        alpha_bar = (1.0 / (1.0 + variance)).clamp(float(table[-1]), float(table[0]))
+        table_log_snr = torch.log(table / (1 - table))  # decreasing with the timestep
+        log_snr = torch.log(alpha_bar / (1 - alpha_bar))
+        positions = torch.arange(len(table), dtype=torch.float64)
+        vp_timesteps = torch.from_numpy(np.interp(-log_snr.numpy(), -table_log_snr.numpy(), positions.numpy()))
+        self._vp_inputs = (weights, alpha_bar)
+        return vp_timesteps
 
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
-        """Position of ``timestep`` in :attr:`timesteps`; raises if it is not one of them."""
+        """Position of ``timestep`` in :attr:`timesteps`; raises if it is not one of them.
+
+        A value that occurs more than once (zero-shot timesteps clamped to the VP table's end) resolves to the
+        position the step counter has reached.
+        """
         if self.timesteps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
         value = torch.as_tensor(timestep).to(device=self.timesteps.device, dtype=self.timesteps.dtype)
@@ -244,17 +297,36 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 f"timestep {value.item()} is not in the schedule set by `set_timesteps` (values from "
                 f"{self.timesteps[0].item()} down to {self.timesteps[-1].item()})."
             )
-        return int(matches[0].item())
+        positions = matches[:, 0].tolist()
+        if len(positions) > 1 and self._step_index in positions:
+            return self._step_index
+        return positions[0]
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Return the model input for ``sample``: the full HOLD state, unchanged.
+        """Return the model input for ``sample``.
+
+        With ``prediction_type="epsilon"`` it is the full HOLD state, unchanged. With `"vp_epsilon"` it is the VP
+        model's input ``sqrt(alpha_bar) * s`` of shape ``(batch, C, ...)``, built from the sufficient statistic ``s``.
 
         Args:
             sample (`torch.Tensor` of shape `(batch, order * C, ...)`): the current state.
-            timestep (`float` or `torch.Tensor`, *optional*): unused; accepted for the diffusers protocol.
+            timestep (`float` or `torch.Tensor`): the current entry of :attr:`timesteps` (needed by `"vp_epsilon"`).
         """
         self._split_channels(sample)
-        return sample
+        if self.config.prediction_type != "vp_epsilon":
+            return sample
+        if timestep is None:
+            raise ValueError('scale_model_input needs the timestep with prediction_type="vp_epsilon".')
+        return self._vp_model_input(sample, self.index_for_timestep(timestep))
+
+    def _vp_model_input(self, sample: torch.Tensor, index: int) -> torch.Tensor:
+        weights, alpha_bar = self._vp_inputs
+        n = self.hold_order
+        state = sample.reshape(sample.shape[0], n, -1)
+        w = weights[index].to(device=sample.device, dtype=sample.dtype)
+        statistic = (w[None, :, None] * state).sum(1)
+        shape = (sample.shape[0], sample.shape[1] // n, *sample.shape[2:])
+        return (float(alpha_bar[index]) ** 0.5 * statistic).reshape(shape)
 
     def step(
         self,
@@ -267,7 +339,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         """Advance the state one step of the chosen solver.
 
         Args:
-            model_output (`torch.Tensor` of shape `(batch, C, ...)`): predicted noise of the last block.
+            model_output (`torch.Tensor` of shape `(batch, C, ...)`): predicted noise of the last block (or, with
+                `"vp_epsilon"`, the VP model's noise prediction for :meth:`scale_model_input`'s output).
             timestep (`float` or `torch.Tensor`): the current entry of :attr:`timesteps`.
             sample (`torch.Tensor` of shape `(batch, order * C, ...)`): the current state.
             generator (`torch.Generator` or list of them, *optional*): source of the solver's noise.
@@ -296,7 +369,15 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             return x[index].to(device=device, dtype=dtype)
 
         ell, c = self._x0_coefficients
-        pred_original = ((coef(ell)[None, :, None] * state).sum(1) - eps[:, 0]) / coef(c)
+        whitened = (coef(ell)[None, :, None] * state).sum(1)
+        if self.config.prediction_type == "vp_epsilon":
+            # VP denoiser -> x0_hat -> the last block's noise that implies it (HOLD_MATH section 4)
+            alpha_bar = float(self._vp_inputs[1][index])
+            vp_input = self._vp_model_input(sample, index).reshape_as(eps[:, 0])
+            pred_original = (vp_input - (1 - alpha_bar) ** 0.5 * eps[:, 0]) / alpha_bar**0.5
+            eps = (whitened - coef(c) * pred_original)[:, None]
+        else:
+            pred_original = (whitened - eps[:, 0]) / coef(c)
         steps = self._steps
         prev = (
             torch.einsum("ij,bjr->bir", coef(steps.state_matrix), state) + coef(steps.eps_vector)[None, :, None] * eps
@@ -311,6 +392,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 prev = prev + torch.einsum("ij,bjr->bir", noise_matrix, noise)
         prev_sample = prev.reshape(sample.shape)
         pred_original_sample = pred_original.reshape(model_output.shape)
+        self._step_index = index + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return HOLDSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
