@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -33,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import ForeignLoad, environment, finish
 
-import diffusers_hold
 from diffusers_hold.metrics import nearest_neighbours
 
 DIM = 64 * 64 * 3
@@ -118,15 +116,6 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
         self.peak_extra = self.peak - self.base
-
-
-def _busy_cpu_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------------------ methods
@@ -249,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu_count = os.cpu_count() or 1
     torch.set_num_threads(cpu_count)
     malloc_tuned = _return_freed_memory_to_the_system()
-    start, own_start, busy_start = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+    start = time.perf_counter()
+    foreign_load = ForeignLoad()
     results: dict[str, Any] = {
         "benchmark": "nn_search",
         "quick": args.quick,
@@ -260,14 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reps": args.reps,
         "naive_limit_gb": args.naive_limit_gb,
         "malloc_returns_freed_memory": malloc_tuned,
-        "environment": {
-            "torch": torch.__version__,
-            "diffusers_hold": diffusers_hold.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": cpu_count,
-            "num_threads": torch.get_num_threads(),
-        },
+        "environment": environment(("torch", "diffusers_hold")),
         "sizes": [],
     }
     warm_up(args)
@@ -275,18 +258,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{n_train} train x {n_samples} samples ...", flush=True)
         results["sizes"].append(bench_size(n_train, n_samples, args))
     results["wall_time_s"] = time.perf_counter() - start
-    busy_end = _busy_cpu_seconds()
-    if busy_start is not None and busy_end is not None:
-        foreign = (busy_end - busy_start) - (time.process_time() - own_start)
-        results["environment"]["foreign_cpu_share"] = max(0.0, foreign) / (results["wall_time_s"] * cpu_count)
-    print_report(results)
-    foreign = results["environment"].get("foreign_cpu_share")
-    if foreign is not None and foreign > 0.05:
-        print(f"\nWARNING: other processes used {foreign:.0%} of the CPU during the run; timings are inflated.")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {args.output} ({results['wall_time_s']:.0f} s)")
-    return results
+    foreign = foreign_load.share(cpu_count)
+    if foreign is not None:  # the key is left out where /proc/stat is missing
+        results["environment"]["foreign_cpu_share"] = foreign
+    return finish(results, args.output, print_report)
 
 
 if __name__ == "__main__":

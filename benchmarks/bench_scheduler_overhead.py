@@ -34,23 +34,20 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from harness import ForeignLoad, environment, finish
 
-import diffusers_hold
 from diffusers_hold import HOLDScheduler
 
 HOLD_ORDER = 3
@@ -103,30 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------ timing
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds spent busy by the whole machine since boot (Linux ``/proc/stat``), or ``None`` elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class ForeignLoad:
-    """Share of the machine's CPU time used by other processes while the benchmark ran (contention check)."""
-
-    def __init__(self) -> None:
-        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
-
-    def share(self, cpu_count: int) -> float | None:
-        busy = _busy_cpu_seconds()
-        if busy is None or self.busy is None:
-            return None
-        foreign = (busy - self.busy) - (time.process_time() - self.own)
-        return max(0.0, foreign) / ((time.perf_counter() - self.wall) * cpu_count)
-
-
 def time_calls(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
     """Wall-clock seconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -435,16 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "scheduler_overhead",
         "quick": args.quick,
-        "environment": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "diffusers_hold": diffusers_hold.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": cpu_count,
-            "num_threads": torch.get_num_threads(),
-        },
+        "environment": environment(("torch", "diffusers", "diffusers_hold"), processor=True),
         "repetitions": {key: value for key, value in vars(args).items() if key.endswith(("_reps", "_warmup"))},
     }
     print("Sampling side (the SD UNet forward takes tens of seconds on a small CPU)...", flush=True)
@@ -457,18 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results["wall_time_s"] = time.perf_counter() - start
     results["environment"]["foreign_cpu_share"] = foreign_load.share(cpu_count)
-
-    print_report(results)
-    foreign = results["environment"]["foreign_cpu_share"]
-    if foreign is not None and foreign > 0.05:
-        print(
-            f"\nWARNING: other processes used {foreign:.0%} of the CPU during the run; "
-            "the timings (above all the small ones) are inflated and noisy."
-        )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {args.output} ({results['wall_time_s']:.0f} s)")
-    return results
+    return finish(results, args.output, print_report)
 
 
 if __name__ == "__main__":
