@@ -1,8 +1,9 @@
 """HOLDScheduler: higher-order Langevin dynamics as a diffusers scheduler.
 
 The state has ``order`` blocks stacked on the channel axis, ``[q | p | s | ...]`` (``order * C`` channels for
-``C``-channel data). The model reads the whole state and predicts the noise of the last block; every solver is a
-linear map of the state and that prediction, with coefficients computed in float64 by
+``C``-channel data). The model reads the whole state and predicts the noise of the last block (or is a stock VP
+epsilon model, converted through the sufficient statistic); every solver is a linear map of the state and the
+last block's predicted noise, with coefficients computed in float64 by
 :class:`diffusers_hold.dynamics.HOLDDynamics` and cast to the sample's dtype at the end.
 """
 
@@ -56,7 +57,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     the last block from the whole state (hybrid score matching, :meth:`add_noise` and :meth:`get_target`).
 
     **Timesteps.** The model sees ``timestep = t * num_train_timesteps / T`` (a float in
-    ``[0, num_train_timesteps]``); every public method of this class takes timesteps in that unit.
+    ``[0, num_train_timesteps]``); every public method of this class takes timesteps in that unit. With
+    ``prediction_type="vp_epsilon"`` the sampling timesteps (:attr:`timesteps`, :meth:`step`,
+    :meth:`scale_model_input`) are instead the VP model's own fractional timesteps.
 
     **Sampling grid.** :meth:`set_timesteps` places ``M + 1`` grid times ``T = t_0 > ... > t_M = sampling_eps``
     (``linear`` or ``quadratic`` spacing, the latter denser near the data). With ``denoise_final=True`` the last
