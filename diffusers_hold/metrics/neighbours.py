@@ -294,20 +294,34 @@ def _ball_coverage(
     return inside
 
 
-def _prepare_pair(
+def _prepare_search(
     queries: torch.Tensor | np.ndarray,
     references: torch.Tensor | np.ndarray,
     names: tuple[str, str],
+    *,
     chunk_size: int,
     query_chunk_size: int,
+    device: str | torch.device | None,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Validate a pair of image sets and the search settings; return both batches and the keyword arguments of
+    :func:`_knn` / :func:`_ball_coverage` (chunk sizes, resolved device, dtype, progress)."""
     queries, references = _as_batch(queries, names[0]), _as_batch(references, names[1])
     _check_same_shape(queries.shape[1:], names[0], references.shape[1:], names[1])
     _check_positive_int(chunk_size, "chunk_size")
     _check_positive_int(query_chunk_size, "query_chunk_size")
     _check_dtype(dtype)
-    return queries, references
+    _check_finite(queries, names[0])
+    _check_finite(references, names[1])
+    search = {
+        "chunk_size": chunk_size,
+        "query_chunk_size": query_chunk_size,
+        "device": _resolve_device(device, queries, references),
+        "dtype": dtype,
+        "progress": progress,
+    }
+    return queries, references, search
 
 
 def nearest_neighbours(
@@ -346,22 +360,18 @@ def nearest_neighbours(
         `tuple`: ``distances`` of shape ``(Q, k)`` in ``dtype``, increasing along each row, and the matching
         ``indices`` into ``references`` (int64), both on the CPU.
     """
-    queries, references = _prepare_pair(
-        queries, references, ("queries", "references"), chunk_size, query_chunk_size, dtype
-    )
-    _check_k(k, references.shape[0], f"A {k}-nearest-neighbour search", "references")
-    _check_finite(queries, "queries")
-    _check_finite(references, "references")
-    dist, index = _knn(
+    queries, references, search = _prepare_search(
         queries,
         references,
-        k,
+        ("queries", "references"),
         chunk_size=chunk_size,
         query_chunk_size=query_chunk_size,
-        device=_resolve_device(device, queries, references),
+        device=device,
         dtype=dtype,
         progress=progress,
     )
+    _check_k(k, references.shape[0], f"A {k}-nearest-neighbour search", "references")
+    dist, index = _knn(queries, references, k, **search)
     return (dist if squared else dist.sqrt()), index
 
 
@@ -483,21 +493,21 @@ def nn_ratio_memorization(
         threshold = 1.0 / 9.0 if squared else 1.0 / 3.0
     if not (_is_real_number(threshold) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
-    generated, train = _prepare_pair(generated, train, ("generated", "train"), chunk_size, query_chunk_size, dtype)
+    generated, train, search = _prepare_search(
+        generated,
+        train,
+        ("generated", "train"),
+        chunk_size=chunk_size,
+        query_chunk_size=query_chunk_size,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
     _check_k(2, train.shape[0], "The nearest-neighbour ratio (k=2)", "train")
     if held_out is not None:
         held_out = _as_batch(held_out, "held_out")
         _check_same_shape(held_out.shape[1:], "held_out", train.shape[1:], "train")
-    for images, name in ((generated, "generated"), (train, "train"), (held_out, "held_out")):
-        if images is not None:
-            _check_finite(images, name)
-    search = dict(
-        chunk_size=chunk_size,
-        query_chunk_size=query_chunk_size,
-        device=_resolve_device(device, generated, train),
-        dtype=dtype,
-        progress=progress,
-    )
+        _check_finite(held_out, "held_out")
 
     dist, index = _knn(generated, train, 2, desc="generated vs train", **search)
     if not squared:
@@ -622,21 +632,18 @@ def calibrated_l2(
     for name, value in (("alpha", alpha), ("threshold", threshold)):
         if not (_is_real_number(value) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-    generated, train = _prepare_pair(generated, train, ("generated", "train"), chunk_size, query_chunk_size, dtype)
-    _check_k(k, train.shape[0], f"The calibrated L2 distance with k={k}", "train")
-    _check_finite(generated, "generated")
-    _check_finite(train, "train")
-    dist, index = _knn(
+    generated, train, search = _prepare_search(
         generated,
         train,
-        k,
+        ("generated", "train"),
         chunk_size=chunk_size,
         query_chunk_size=query_chunk_size,
-        device=_resolve_device(device, generated, train),
+        device=device,
         dtype=dtype,
         progress=progress,
-        desc="generated vs train",
     )
+    _check_k(k, train.shape[0], f"The calibrated L2 distance with k={k}", "train")
+    dist, index = _knn(generated, train, k, desc="generated vs train", **search)
     dist = dist.double().sqrt()
     mean_knn = dist.mean(1)
     denominator = alpha * mean_knn

@@ -23,13 +23,12 @@ from .neighbours import (
     DEFAULT_QUERY_CHUNK_SIZE,
     _as_batch,
     _ball_coverage,
-    _check_dtype,
     _check_finite,
     _check_k,
     _check_positive_int,
     _check_same_shape,
     _knn,
-    _resolve_device,
+    _prepare_search,
 )
 
 __all__ = [
@@ -312,24 +311,19 @@ def precision_recall(
     Returns:
         [`PrecisionRecall`]: ``(precision, recall)``, each in ``[0, 1]``.
     """
-    real = _as_batch(real_features, "real_features")
-    fake = _as_batch(fake_features, "fake_features")
-    _check_same_shape(real.shape[1:], "real_features", fake.shape[1:], "fake_features")
-    _check_positive_int(k, "k")
-    _check_k(k + 1, real.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "real_features")
-    _check_k(k + 1, fake.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "fake_features")
-    _check_positive_int(chunk_size, "chunk_size")
-    _check_positive_int(query_chunk_size, "query_chunk_size")
-    _check_dtype(dtype)
-    _check_finite(real, "real_features")
-    _check_finite(fake, "fake_features")
-    search = dict(
+    real, fake, search = _prepare_search(
+        real_features,
+        fake_features,
+        ("real_features", "fake_features"),
         chunk_size=chunk_size,
         query_chunk_size=query_chunk_size,
-        device=_resolve_device(device, real, fake),
+        device=device,
         dtype=dtype,
         progress=progress,
     )
+    _check_positive_int(k, "k")
+    _check_k(k + 1, real.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "real_features")
+    _check_k(k + 1, fake.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "fake_features")
     # the k + 1 smallest distances of a set to itself include the zero self-distance: column k is the k-th neighbour
     real_radii = _knn(real, real, k + 1, desc="real radii", **search)[0][:, k]
     fake_radii = _knn(fake, fake, k + 1, desc="fake radii", **search)[0][:, k]
