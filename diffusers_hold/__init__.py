@@ -24,7 +24,7 @@ def register_with_diffusers() -> None:
     that diffusers itself defines.
     """
     for cls in PIPELINE_CLASSES:
-        existing = getattr(diffusers, cls.__name__, None) if cls.__name__ in dir(diffusers) else None
+        existing = getattr(diffusers, cls.__name__, None)
         if existing is not None and existing is not cls:
             raise RuntimeError(f"diffusers already defines {cls.__name__}; refusing to replace it.")
         setattr(diffusers, cls.__name__, cls)
