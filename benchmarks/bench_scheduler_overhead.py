@@ -213,8 +213,8 @@ def bench_sampling(args: argparse.Namespace) -> dict[str, Any]:
             t = timesteps[index]
 
             def one_step(s=scheduler, t=t, g=step_generator) -> torch.Tensor:
-                model_input = s.scale_model_input(sample, t)
-                return s.step(model_output, t, model_input, generator=g).prev_sample
+                model_input = s.scale_model_input(sample, t, full_state=True)
+                return s.step(model_output, t, model_input, generator=g, full_state=True).prev_sample
 
             per_position[position] = {
                 "index": index,

@@ -89,8 +89,8 @@ def sample_with_exact_score(data: GaussianData, num_inference_steps: int, num_sa
     z = torch.linalg.solve_triangular(torch.linalg.cholesky(z.T @ z / num_samples), z.T, upper=False).T
     z = z * sched.init_noise_sigma
     for t in sched.timesteps:
-        model_input = sched.scale_model_input(z, t)
-        z = sched.step(data.eps_prediction(model_input, t), t, z, generator=generator).prev_sample
+        model_input = sched.scale_model_input(z, t, full_state=True)
+        z = sched.step(data.eps_prediction(model_input, t), t, z, generator=generator, full_state=True).prev_sample
     return z
 
 

@@ -37,8 +37,12 @@ def test_save_load_round_trip_gives_identical_steps(tmp_path, solver):
         sched.set_timesteps(12)
     for i in [0, 5, 11]:
         t = scheduler.timesteps[i]
-        a = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(3)).prev_sample
-        b = reloaded.step(model_output, t, sample, generator=torch.Generator().manual_seed(3)).prev_sample
+        a = scheduler.step(
+            model_output, t, sample, generator=torch.Generator().manual_seed(3), full_state=True
+        ).prev_sample
+        b = reloaded.step(
+            model_output, t, sample, generator=torch.Generator().manual_seed(3), full_state=True
+        ).prev_sample
         assert torch.equal(a, b)
 
 
@@ -59,14 +63,16 @@ def test_dict_and_tuple_outputs_agree_and_have_the_right_shapes(solver):
     scheduler.set_timesteps(10)
     sample, model_output = make_inputs(scheduler)
     t = scheduler.timesteps[3]
-    out = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(1))
-    tup = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(1), return_dict=False)
+    out = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(1), full_state=True)
+    tup = scheduler.step(
+        model_output, t, sample, generator=torch.Generator().manual_seed(1), return_dict=False, full_state=True
+    )
     assert isinstance(out, HOLDSchedulerOutput)
     assert torch.equal(out.prev_sample, tup[0]) and torch.equal(out.pred_original_sample, tup[1])
     assert out.prev_sample.shape == sample.shape
     assert out.pred_original_sample.shape == model_output.shape
-    assert scheduler.scale_model_input(sample, t).shape == sample.shape
-    assert scheduler.scale_model_input(sample, 0.0).shape == sample.shape
+    assert scheduler.scale_model_input(sample, t, full_state=True).shape == sample.shape
+    assert scheduler.scale_model_input(sample, 0.0, full_state=True).shape == sample.shape
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -79,7 +85,7 @@ def test_seeded_generator_is_deterministic(solver):
         z = sample
         gen = torch.Generator().manual_seed(seed)
         for t in scheduler.timesteps:
-            z = scheduler.step(model_output, t, z, generator=gen).prev_sample
+            z = scheduler.step(model_output, t, z, generator=gen, full_state=True).prev_sample
         return z
 
     assert torch.equal(run(0), run(0))
@@ -95,7 +101,7 @@ def test_device_and_dtype_handling():
     assert scheduler.timesteps.device.type == "cpu" and scheduler.timesteps.dtype == torch.float32
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         sample = torch.randn(2, 4, 3, 3, dtype=dtype)
-        out = scheduler.step(torch.randn(2, 2, 3, 3, dtype=dtype), scheduler.timesteps[1], sample)
+        out = scheduler.step(torch.randn(2, 2, 3, 3, dtype=dtype), scheduler.timesteps[1], sample, full_state=True)
         assert out.prev_sample.dtype == dtype and out.pred_original_sample.dtype == dtype
     x0 = torch.randn(4, 2, 3, 3)
     noise = torch.randn(4, 4, 3, 3)
@@ -203,7 +209,7 @@ def test_order_one_is_the_vp_diffusion():
         eps = torch.randn(2, 1, 3, 3, dtype=torch.float64)
         x0_hat = (z - s2.sqrt() * eps) / ab.sqrt()
         ddim = ab_next.sqrt() * x0_hat + s2_next.sqrt() * eps
-        out = scheduler.step(eps, scheduler.timesteps[i], z)
+        out = scheduler.step(eps, scheduler.timesteps[i], z, full_state=True)
         torch.testing.assert_close(out.pred_original_sample, x0_hat, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out.prev_sample, ddim, rtol=1e-9, atol=1e-9)
 
@@ -224,7 +230,7 @@ def test_order_one_matches_diffusers_ddim_on_the_same_noise_levels():
     for i, ts in enumerate(hold.timesteps):
         k = len(grid) - 1 - i
         expected = ddim.step(eps, k, z, eta=0.0).prev_sample
-        ours = hold.step(eps, ts, z).prev_sample
+        ours = hold.step(eps, ts, z, full_state=True).prev_sample
         torch.testing.assert_close(ours, expected, rtol=2e-5, atol=2e-5)
 
 
@@ -254,21 +260,21 @@ def test_bad_step_inputs_raise_clear_errors():
     scheduler = HOLDScheduler(order=3)
     sample, model_output = make_inputs(scheduler)
     with pytest.raises(ValueError, match="set_timesteps"):
-        scheduler.step(model_output, 1000.0, sample)
+        scheduler.step(model_output, 1000.0, sample, full_state=True)
     scheduler.set_timesteps(10)
     t = scheduler.timesteps[2]
     with pytest.raises(ValueError, match="not in the schedule"):
-        scheduler.step(model_output, 123.456, sample)
+        scheduler.step(model_output, 123.456, sample, full_state=True)
     with pytest.raises(ValueError, match="model_output has shape"):
-        scheduler.step(model_output[:, :1], t, sample)
+        scheduler.step(model_output[:, :1], t, sample, full_state=True)
     with pytest.raises(ValueError, match="model_output has shape"):
-        scheduler.step(torch.randn(3, 6, 4, 4), t, sample)
+        scheduler.step(torch.randn(3, 6, 4, 4), t, sample, full_state=True)
     with pytest.raises(ValueError, match="HOLD state"):
-        scheduler.step(model_output, t, sample[:, :5])
+        scheduler.step(model_output, t, sample[:, :5], full_state=True)
     bad = model_output.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        scheduler.step(bad, t, sample)
+        scheduler.step(bad, t, sample, full_state=True)
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(1)
     with pytest.raises(ValueError, match="strictly decreasing"):
@@ -287,7 +293,7 @@ def test_out_of_range_timesteps_raise():
     with pytest.raises(ValueError, match="timesteps must lie in"):
         scheduler.set_timesteps(timesteps=[1500.0, 10.0])
     with pytest.raises(ValueError, match="noise has shape"):
-        scheduler.add_noise(x0, torch.randn(2, 1, 4, 4), torch.tensor([1.0, 2.0]))
+        scheduler.add_noise(x0, torch.randn(2, 3, 4, 4), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="timesteps for a batch"):
         scheduler.add_noise(x0, noise, torch.tensor([1.0, 2.0, 3.0]))
 

@@ -69,10 +69,10 @@ def test_converted_vp_model_gives_the_exact_hold_score(order):
             continue  # clamped to the VP table: the conversion is approximate there by design
         mu, cov = data.marginal(t)
         z = torch.from_numpy(np.random.default_rng(i).multivariate_normal(mu, cov, size=64))
-        vp_input = zero_shot.scale_model_input(z, t_vp)
+        vp_input = zero_shot.scale_model_input(z, t_vp, full_state=True)
         assert vp_input.shape == (64, 1)
-        out = zero_shot.step(denoiser(vp_input, t_vp), t_vp, z, generator=gen)
-        reference = native.step(data.eps_prediction(z, t_hold), t_hold, z, generator=gen)
+        out = zero_shot.step(denoiser(vp_input, t_vp), t_vp, z, generator=gen, full_state=True)
+        reference = native.step(data.eps_prediction(z, t_hold), t_hold, z, generator=gen, full_state=True)
         # the posterior mean E[x0 | z] in closed form
         a, _ = data.kernel(t)
         posterior = MEAN + (VAR * a) @ np.linalg.solve(cov, (z.numpy() - a * MEAN).T)
@@ -89,7 +89,9 @@ def test_zero_shot_sampling_reproduces_the_data_law():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(20_000, 3, generator=gen, dtype=torch.float64)
     for t in zero_shot.timesteps:
-        z = zero_shot.step(denoiser(zero_shot.scale_model_input(z, t), t), t, z, generator=gen).prev_sample
+        z = zero_shot.step(
+            denoiser(zero_shot.scale_model_input(z, t, full_state=True), t), t, z, generator=gen, full_state=True
+        ).prev_sample
     x = z[:, 0].numpy()
     assert abs(x.mean() - MEAN) < 4 * math.sqrt(VAR / len(x)) + 0.01
     assert abs(x.var() / VAR - 1) < 0.05  # 500 steps (about 1-2 % discretisation) + Monte Carlo error (1 %)

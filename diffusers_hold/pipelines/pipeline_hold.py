@@ -105,9 +105,9 @@ class HOLDPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = self.scheduler.scale_model_input(latents, t, full_state=True)
             noise_pred = self.unet(model_input, t).sample
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generator, full_state=True).prev_sample
             if callback_on_step_end is not None:
                 tensors = {"latents": latents}
                 outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})

@@ -9,6 +9,7 @@ last block's predicted noise, with coefficients computed in float64 by
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +23,19 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..dynamics import HOLDDynamics, LinearStep
 
-__all__ = ["HOLDScheduler", "HOLDSchedulerOutput"]
+__all__ = ["HOLD_SETTINGS_ATTRIBUTE", "PROCESS_KEYS", "VP_SCHEDULE_KEYS", "HOLDScheduler", "HOLDSchedulerOutput"]
 
 SOLVERS = ("euler_maruyama", "sscs", "ddim")
 TIMESTEP_SPACINGS = ("linear", "quadratic")
 PREDICTION_TYPES = ("epsilon", "vp_epsilon")
 BETA_SCHEDULES = ("linear", "scaled_linear")
+# Config keys that define the forward process. A HOLD UNet is trained for (or converted under) exactly these values,
+# so it records them and refuses a scheduler whose values differ (see `HOLD_SETTINGS_ATTRIBUTE`).
+PROCESS_KEYS = ("order", "num_train_timesteps", "T", "L_inv", "aux_init_var", "eps_num")
+VP_SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+# `scale_model_input` attaches the scheduler's process settings to its output under this attribute name; a HOLD UNet
+# compares them with its own, since stock pipelines pass that tensor to the UNet unchanged.
+HOLD_SETTINGS_ATTRIBUTE = "hold_settings"
 
 
 @dataclass
@@ -35,8 +43,9 @@ class HOLDSchedulerOutput(BaseOutput):
     """Output of :meth:`HOLDScheduler.step`.
 
     Args:
-        prev_sample (`torch.Tensor` of shape `(batch, order * C, ...)`):
-            The full HOLD state at the next (less noisy) time; use it as the next model input.
+        prev_sample (`torch.Tensor`):
+            The sample at the next (less noisy) time, shaped like the ``sample`` given to :meth:`HOLDScheduler.step`:
+            the position block (``C`` channels) by default, the full state (``order * C``) with ``full_state=True``.
         pred_original_sample (`torch.Tensor` of shape `(batch, C, ...)`):
             The denoised estimate ``x0_hat = E[x_0 | z_t]`` implied by the model output at the current time.
     """
@@ -71,6 +80,25 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     **Solvers.** ``"euler_maruyama"`` (the reference sampler of the HOLD papers), ``"sscs"`` (symmetric splitting:
     exact free flow, Euler score kick; CLD's SSCS generalised to any order) and ``"ddim"`` (deterministic
     probability-flow steps that freeze the denoised estimate in gDDIM's ``R_t`` basis; exactly DDIM at order 1).
+
+    **Samples: the position block, or the full state.** A stock diffusers pipeline (``StableDiffusionPipeline``,
+    img2img, ...) carries ``C``-channel ``latents`` (its VAE decodes them), so by default ``sample`` is the position
+    block ``q`` and the scheduler keeps the auxiliary blocks ``(p, s, ...)`` itself, the way multistep schedulers keep
+    their history:
+
+    - :meth:`scale_model_input` returns the augmented state ``[q | aux]`` (``order * C`` channels) that a HOLD UNet
+      reads; the ``sample`` passed in is the authoritative ``q``, so a ``callback_on_step_end`` that replaces
+      ``latents`` is honoured.
+    - The auxiliary blocks are reset by :meth:`set_timesteps`. At the first step they are drawn from the prior
+      ``N(0, L_inv)`` with a generator seeded by a hash of the initial ``q``: a pipeline ``generator`` (or given
+      ``latents``) then fixes the whole state, and the draw is independent of ``q`` in law. :meth:`add_noise` with
+      ``C``-channel noise (image-to-image) instead draws them from the forward kernel at the start time.
+    - A batch that is a multiple of the stored one (the classifier-free-guidance doubled batch ``cat([latents] * 2)``)
+      gets the auxiliary blocks tiled the same way. At the first step, repeated rows (the copies made for guidance)
+      share their auxiliary blocks.
+
+    Pass ``full_state=True`` to :meth:`scale_model_input` and :meth:`step` to carry the whole ``order * C``-channel
+    state yourself instead (as :class:`~diffusers_hold.HOLDPipeline` does); no hidden state is used then.
 
     **Attributes.** ``order`` is diffusers' solver order (one model call per step, always 1);
     the HOLD order is ``config.order`` (also :attr:`hold_order`).
@@ -155,14 +183,25 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._steps: LinearStep | None = None
         self._x0_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
         self._vp_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._eval_times: torch.Tensor | None = None
         self._begin_index: int | None = None
         self._step_index: int | None = None
+        # auxiliary blocks of the state when samples are position blocks (stock pipelines), see the class docstring
+        self._auxiliary: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
     def hold_order(self) -> int:
         """Number of HOLD blocks (``config.order``); the model input has ``hold_order * C`` channels."""
         return self.config.order
+
+    def process_settings(self) -> dict:
+        """The config values that define the forward process (order, time scale, ``L_inv``, ..., VP schedule).
+
+        A HOLD UNet records them (``hold_order`` and ``hold_settings`` in its config) and raises when the scheduler it
+        runs with has different values.
+        """
+        return {key: self.config[key] for key in PROCESS_KEYS + VP_SCHEDULE_KEYS}
 
     @property
     def init_noise_sigma(self) -> float:
@@ -257,31 +296,33 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 None if noise is None else torch.cat([noise, torch.zeros_like(final.state_matrix)]),
             )
         self._steps = steps
+        self._eval_times = eval_times
         self._x0_coefficients = dyn.x0_coefficients(eval_times)
         self.num_inference_steps = len(eval_times)
         if cfg.prediction_type == "vp_epsilon":
-            model_timesteps = self._set_vp_inputs(eval_times)
+            weights, alpha_bar, model_timesteps = self._zero_shot_coefficients(eval_times)
+            self._vp_inputs = (weights, alpha_bar)
         else:
             model_timesteps = self.time_to_timestep(eval_times)
         self.timesteps = model_timesteps.to(device=device, dtype=torch.float32)
         self._begin_index = None
         self._step_index = None
+        self._auxiliary = None
 
-    def _set_vp_inputs(self, eval_times: torch.Tensor) -> torch.Tensor:
-        """Sufficient-statistic weights, VP ``alpha_bar`` and fractional VP timesteps for the zero-shot mode.
+    def _zero_shot_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sufficient-statistic weights, VP ``alpha_bar`` and fractional VP timesteps at continuous times ``t``.
 
         The timestep is interpolated linearly in the VP table's log-SNR; ``alpha_bar`` is clamped to the range the
         VP model was trained on.
         """
-        weights, variance = self.dynamics.sufficient_statistic(eval_times)
+        weights, variance = self.dynamics.sufficient_statistic(t)
         table = self.vp_alphas_cumprod
         alpha_bar = (1.0 / (1.0 + variance)).clamp(float(table[-1]), float(table[0]))
         table_log_snr = torch.log(table / (1 - table))  # decreasing with the timestep
         log_snr = torch.log(alpha_bar / (1 - alpha_bar))
         positions = torch.arange(len(table), dtype=torch.float64)
-        vp_timesteps = torch.from_numpy(np.interp(-log_snr.numpy(), -table_log_snr.numpy(), positions.numpy()))
-        self._vp_inputs = (weights, alpha_bar)
-        return vp_timesteps
+        vp_timesteps = np.interp(-log_snr.numpy(), -table_log_snr.numpy(), positions.numpy())
+        return weights, alpha_bar, torch.as_tensor(vp_timesteps, dtype=torch.float64)
 
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
         """Position of ``timestep`` in :attr:`timesteps`; raises if it is not one of them.
@@ -305,31 +346,38 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             return self._step_index
         return positions[0]
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Return the model input for ``sample``.
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None, full_state: bool = False
+    ) -> torch.Tensor:
+        """Return the model input for ``sample`` at ``timestep``.
 
-        With ``prediction_type="epsilon"`` it is the full HOLD state, unchanged. With `"vp_epsilon"` it is the VP
-        model's input ``sqrt(alpha_bar) * s`` of shape ``(batch, C, ...)``, built from the sufficient statistic ``s``.
+        With ``prediction_type="epsilon"`` it is the full HOLD state ``[q | aux]`` (``order * C`` channels) that a HOLD
+        UNet reads, carrying this scheduler's :meth:`process_settings` as the attribute ``hold_settings`` (a HOLD UNet
+        checks them against its own). With `"vp_epsilon"` it is the VP model's input ``sqrt(alpha_bar) * s`` of shape
+        ``(batch, C, ...)``, built from the sufficient statistic ``s`` of the state.
 
         Args:
-            sample (`torch.Tensor` of shape `(batch, order * C, ...)`): the current state.
-            timestep (`float` or `torch.Tensor`): the current entry of :attr:`timesteps` (needed by `"vp_epsilon"`).
+            sample (`torch.Tensor`): the position block ``q`` of shape `(batch, C, ...)`, whose auxiliary blocks the
+                scheduler keeps (see the class docstring); or, with ``full_state=True``, the whole state of shape
+                `(batch, order * C, ...)`. ``batch`` may be a multiple of the batch passed to :meth:`step` (guidance).
+            timestep (`float` or `torch.Tensor`): the current entry of :attr:`timesteps`.
+            full_state (`bool`, defaults to `False`): ``sample`` is the whole state.
         """
-        self._split_channels(sample)
-        if self.config.prediction_type != "vp_epsilon":
-            return sample
-        if timestep is None:
-            raise ValueError('scale_model_input needs the timestep with prediction_type="vp_epsilon".')
-        return self._vp_model_input(sample, self.index_for_timestep(timestep))
-
-    def _vp_model_input(self, sample: torch.Tensor, index: int) -> torch.Tensor:
-        weights, alpha_bar = self._vp_inputs
-        n = self.hold_order
-        state = sample.reshape(sample.shape[0], n, -1)
-        w = weights[index].to(device=sample.device, dtype=sample.dtype)
-        statistic = (w[None, :, None] * state).sum(1)
-        shape = (sample.shape[0], sample.shape[1] // n, *sample.shape[2:])
-        return (float(alpha_bar[index]) ** 0.5 * statistic).reshape(shape)
+        zero_shot = self.config.prediction_type == "vp_epsilon"
+        if full_state and not zero_shot:
+            state = sample  # the state is the model input; no schedule lookup needed
+        elif timestep is None:
+            raise ValueError("scale_model_input needs the current timestep (an entry of `timesteps`).")
+        else:
+            index = self.index_for_timestep(timestep)
+            state = sample if full_state else self._with_auxiliary(sample, index)
+        self._split_channels(state)
+        if zero_shot:
+            weights, alpha_bar = self._vp_inputs
+            return self._vp_model_input(state, weights[index : index + 1], alpha_bar[index : index + 1])
+        model_input = state.view_as(state)  # a new tensor object, so the attribute never lands on the caller's tensor
+        setattr(model_input, HOLD_SETTINGS_ATTRIBUTE, self.process_settings())
+        return model_input
 
     def step(
         self,
@@ -338,67 +386,185 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        full_state: bool = False,
     ) -> HOLDSchedulerOutput | tuple:
-        """Advance the state one step of the chosen solver.
+        """Advance the sample one step of the chosen solver.
 
         Args:
             model_output (`torch.Tensor` of shape `(batch, C, ...)`): predicted noise of the last block (or, with
                 `"vp_epsilon"`, the VP model's noise prediction for :meth:`scale_model_input`'s output).
             timestep (`float` or `torch.Tensor`): the current entry of :attr:`timesteps`.
-            sample (`torch.Tensor` of shape `(batch, order * C, ...)`): the current state.
+            sample (`torch.Tensor`): the position block `(batch, C, ...)`, or with ``full_state=True`` the whole state
+                `(batch, order * C, ...)`.
             generator (`torch.Generator` or list of them, *optional*): source of the solver's noise.
             return_dict (`bool`, defaults to `True`): return a :class:`HOLDSchedulerOutput` instead of a tuple.
+            full_state (`bool`, defaults to `False`): ``sample`` is the whole state, and so is ``prev_sample``.
 
         Returns:
             :class:`HOLDSchedulerOutput` or `tuple`: ``(prev_sample, pred_original_sample)``.
         """
         index = self.index_for_timestep(timestep)
-        channels = self._split_channels(sample)
-        expected = (sample.shape[0], channels, *sample.shape[2:])
+        n = self.hold_order
+        if not full_state and n > 1 and sample.ndim >= 2 and sample.shape[1] == n * model_output.shape[1]:
+            raise ValueError(
+                f"step got a {sample.shape[1]}-channel sample for a {model_output.shape[1]}-channel model output: "
+                "that is a full HOLD state; pass full_state=True, or pass the position block alone."
+            )
+        state = sample if full_state else self._with_auxiliary(sample, index)
+        channels = self._split_channels(state)
+        expected = (state.shape[0], channels, *state.shape[2:])
         if tuple(model_output.shape) != expected:
             raise ValueError(
                 f"model_output has shape {tuple(model_output.shape)}; expected {expected}: the last block's noise "
-                f"for a state of {sample.shape[1]} channels (order {self.hold_order})."
+                f"for a state of {state.shape[1]} channels (order {n})."
             )
         if not torch.isfinite(model_output).all():
             raise ValueError(f"model_output contains NaN or infinite values at timestep {float(timestep):.4f}.")
 
-        n = self.hold_order
-        dtype, device = sample.dtype, sample.device
-        state = sample.reshape(sample.shape[0], n, -1)  # (batch, n, C * spatial)
-        eps = model_output.reshape(sample.shape[0], 1, -1).to(dtype)
+        dtype, device = state.dtype, state.device
+        blocks = state.reshape(state.shape[0], n, -1)  # (batch, n, C * spatial)
+        eps = model_output.reshape(state.shape[0], -1).to(dtype)
 
         def coef(x: torch.Tensor) -> torch.Tensor:
-            return x[index].to(device=device, dtype=dtype)
+            return x[index : index + 1].to(device=device, dtype=dtype)
 
         ell, c = self._x0_coefficients
-        whitened = (coef(ell)[None, :, None] * state).sum(1)
         if self.config.prediction_type == "vp_epsilon":
-            # VP denoiser -> x0_hat -> the last block's noise that implies it (HOLD_MATH section 4)
-            alpha_bar = float(self._vp_inputs[1][index])
-            vp_input = self._vp_model_input(sample, index).reshape_as(eps[:, 0])
-            pred_original = (vp_input - (1 - alpha_bar) ** 0.5 * eps[:, 0]) / alpha_bar**0.5
-            eps = (whitened - coef(c) * pred_original)[:, None]
+            weights, alpha_bar = self._vp_inputs
+            eps, pred_original = self._epsilon_from_vp(blocks, eps, coef(weights), coef(alpha_bar), coef(ell), coef(c))
         else:
-            pred_original = (whitened - eps[:, 0]) / coef(c)
+            pred_original = ((coef(ell)[:, :, None] * blocks).sum(1) - eps) / coef(c)[:, None]
         steps = self._steps
-        prev = (
-            torch.einsum("ij,bjr->bir", coef(steps.state_matrix), state) + coef(steps.eps_vector)[None, :, None] * eps
-        )
+        prev = torch.einsum("ij,bjr->bir", coef(steps.state_matrix)[0], blocks)
+        prev = prev + coef(steps.eps_vector)[:, :, None] * eps[:, None]
         if steps.noise_matrix is not None:
             # draw noise only for the blocks it enters through (Euler-Maruyama: the last block alone)
             columns = steps.noise_matrix[index].abs().sum(0).nonzero()[:, 0]
             if len(columns):
-                shape = (state.shape[0], len(columns), state.shape[2])
+                shape = (blocks.shape[0], len(columns), blocks.shape[2])
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                 noise_matrix = steps.noise_matrix[index][:, columns].to(device=device, dtype=dtype)
                 prev = prev + torch.einsum("ij,bjr->bir", noise_matrix, noise)
-        prev_sample = prev.reshape(sample.shape)
+        prev_state = prev.reshape(state.shape)
+        if full_state:
+            prev_sample = prev_state
+        else:
+            prev_sample, self._auxiliary = prev_state[:, :channels], prev_state[:, channels:]
         pred_original_sample = pred_original.reshape(model_output.shape)
         self._step_index = index + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return HOLDSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    # ------------------------------------------------------------------------------------------ zero-shot (VP model)
+    def vp_model_input(
+        self, state: torch.Tensor, timesteps: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input and timestep a pretrained VP epsilon model needs to denoise a HOLD state (HOLD_MATH section 4).
+
+        Unlike :meth:`scale_model_input`, this works at any (per-sample) timesteps, not only on the sampling grid; a
+        HOLD UNet with ``hold_parameterization="sufficient_statistic"`` calls it on every forward pass.
+
+        Args:
+            state (`torch.Tensor` of shape `(batch, order * C, ...)`): HOLD states.
+            timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): model timesteps
+                (``t * num_train_timesteps / T``).
+
+        Returns:
+            `tuple`: ``sqrt(alpha_bar) * s`` of shape `(batch, C, ...)` and the fractional VP timesteps `(batch,)`
+            (float32 on the state's device) whose ``alphas_cumprod`` is that ``alpha_bar``.
+        """
+        weights, alpha_bar, vp_timesteps = self._zero_shot_coefficients(self._per_sample_times(state, timesteps))
+        vp_input = self._vp_model_input(state, weights, alpha_bar)
+        return vp_input, vp_timesteps.to(device=state.device, dtype=torch.float32)
+
+    def epsilon_from_vp(
+        self, state: torch.Tensor, vp_noise_pred: torch.Tensor, timesteps: torch.Tensor | float
+    ) -> torch.Tensor:
+        """The last block's noise ``eps_n`` implied by a VP model's prediction on :meth:`vp_model_input`'s output.
+
+        The VP prediction gives ``x0_hat``; ``eps_n = (L_t^{-1})_{n,:} z_t - c(t) x0_hat`` (HOLD_MATH sections 3, 4).
+
+        Args:
+            state (`torch.Tensor` of shape `(batch, order * C, ...)`): the HOLD states given to :meth:`vp_model_input`.
+            vp_noise_pred (`torch.Tensor` of shape `(batch, C, ...)`): the VP model's noise prediction.
+            timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): the same model timesteps.
+        """
+        t = self._per_sample_times(state, timesteps)
+        weights, alpha_bar, _ = self._zero_shot_coefficients(t)
+        ell, c = self.dynamics.x0_coefficients(t)
+        blocks = state.reshape(state.shape[0], self.hold_order, -1)
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=state.device, dtype=state.dtype)
+
+        eps = vp_noise_pred.reshape(state.shape[0], -1).to(state.dtype)
+        eps_n, _ = self._epsilon_from_vp(blocks, eps, cast(weights), cast(alpha_bar), cast(ell), cast(c))
+        return eps_n.reshape(vp_noise_pred.shape)
+
+    def _per_sample_times(self, state: torch.Tensor, timesteps: torch.Tensor | float) -> torch.Tensor:
+        """Continuous times of shape `(batch,)` for model ``timesteps`` given once or per sample."""
+        self._split_channels(state)
+        t = self.timestep_to_time(timesteps).flatten()
+        if t.numel() == 1:
+            t = t.expand(state.shape[0])
+        if t.numel() != state.shape[0]:
+            raise ValueError(f"Got {t.numel()} timesteps for a batch of {state.shape[0]} states.")
+        return t
+
+    def _vp_model_input(self, state: torch.Tensor, weights: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """``sqrt(alpha_bar) * (w . z)`` for states `(batch, n * C, ...)`; coefficients `(1 or batch, ...)`."""
+        n = self.hold_order
+        blocks = state.reshape(state.shape[0], n, -1)
+        w = weights.to(device=state.device, dtype=state.dtype)
+        scale = alpha_bar.sqrt().to(device=state.device, dtype=state.dtype)
+        statistic = (w[:, :, None] * blocks).sum(1)
+        shape = (state.shape[0], state.shape[1] // n, *state.shape[2:])
+        return (scale[:, None] * statistic).reshape(shape)
+
+    def _epsilon_from_vp(self, blocks, vp_eps, weights, alpha_bar, ell, c) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps_n, x0_hat)`` from a VP noise prediction; ``blocks`` `(batch, n, R)`, ``vp_eps`` `(batch, R)`."""
+        statistic = (weights[:, :, None] * blocks).sum(1)
+        # x_vp = sqrt(ab) s, so x0_hat = (x_vp - sqrt(1 - ab) eps_vp) / sqrt(ab) = s - sqrt((1 - ab) / ab) eps_vp
+        pred_original = statistic - ((1 - alpha_bar) / alpha_bar).sqrt()[:, None] * vp_eps
+        eps_n = (ell[:, :, None] * blocks).sum(1) - c[:, None] * pred_original
+        return eps_n, pred_original
+
+    # ------------------------------------------------------------------------------------ hidden auxiliary blocks
+    def _with_auxiliary(self, sample: torch.Tensor, index: int) -> torch.Tensor:
+        """``[q | aux]`` for a position block ``q``, with the stored auxiliary blocks tiled to ``q``'s batch."""
+        n = self.hold_order
+        if n == 1:
+            return sample
+        if sample.ndim < 2:
+            raise ValueError(f"Expected a sample of shape (batch, C, ...), got {tuple(sample.shape)}.")
+        if self._auxiliary is None:
+            if index != 0:
+                raise ValueError(
+                    f"No auxiliary HOLD state at step {index}: a trajectory of position-only samples starts at the "
+                    "first timestep after `set_timesteps`, or at the timestep given to `add_noise`."
+                )
+            self._auxiliary = self._prior_auxiliary(sample)
+        aux = self._auxiliary
+        batch = sample.shape[0]
+        if aux.shape[1] != (n - 1) * sample.shape[1] or aux.shape[2:] != sample.shape[2:] or batch % aux.shape[0]:
+            raise ValueError(
+                f"A sample of shape {tuple(sample.shape)} does not fit the stored auxiliary HOLD state of shape "
+                f"{tuple(aux.shape)} (order {n}); the batch may only be a multiple of the stored one. Call "
+                "`set_timesteps` before starting a new trajectory."
+            )
+        aux = aux.to(device=sample.device, dtype=sample.dtype)
+        return torch.cat([sample, aux.repeat(batch // aux.shape[0], *([1] * (aux.ndim - 1)))], dim=1)
+
+    def _prior_auxiliary(self, sample: torch.Tensor) -> torch.Tensor:
+        """Auxiliary blocks drawn from the prior ``N(0, L_inv)``, seeded by a hash of the position block.
+
+        Rows repeated in ``sample`` (the copies a pipeline makes for classifier-free guidance) share their draw.
+        """
+        base = _period(sample)
+        extra = (self.hold_order - 1) * sample.shape[1]
+        noise = _hash_seeded_normal(sample[:base], (base, extra, *sample.shape[2:]))
+        return noise.to(device=sample.device, dtype=sample.dtype) * self.init_noise_sigma
 
     # -------------------------------------------------------------------------------------------------- training
     def sample_timesteps(
@@ -421,23 +587,36 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Draw the augmented state ``z_t = a_t x_0 + L_t eps`` from the exact HOLD kernel.
 
+        With noise for every block this is the training forward process. With noise shaped like ``original_samples``
+        (what image-to-image pipelines pass) it starts a sampling trajectory at ``timesteps``: that noise drives the
+        position block, which is returned, and the auxiliary blocks are drawn from the same kernel (their extra noise
+        seeded by a hash of ``noise``) and kept by the scheduler for the following steps.
+
         Args:
             original_samples (`torch.Tensor` of shape `(batch, C, ...)`): clean data ``x_0``.
-            noise (`torch.Tensor` of shape `(batch, order * C, ...)`): standard normal noise for every block.
-            timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): model timesteps.
+            noise (`torch.Tensor`): standard normal noise, `(batch, order * C, ...)` for every block, or
+                `(batch, C, ...)` to return the position block alone and keep the auxiliary blocks.
+            timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): model timesteps; with
+                ``prediction_type="vp_epsilon"``, entries of :attr:`timesteps` (the VP model's units).
 
         Returns:
-            `torch.Tensor` of shape `(batch, order * C, ...)`: the noisy state; train the model to predict
-            :meth:`get_target` of ``noise`` from it.
+            `torch.Tensor`: the noisy state `(batch, order * C, ...)`, from which a model is trained to predict
+            :meth:`get_target` of ``noise``; or its position block `(batch, C, ...)` for position-only noise.
         """
         n = self.hold_order
         batch = original_samples.shape[0]
-        expected = (batch, n * original_samples.shape[1], *original_samples.shape[2:])
-        if tuple(noise.shape) != expected:
+        channels = original_samples.shape[1]
+        full_shape = (batch, n * channels, *original_samples.shape[2:])
+        position_only = n > 1 and tuple(noise.shape) == tuple(original_samples.shape)
+        if position_only:
+            extra = _hash_seeded_normal(noise, (batch, (n - 1) * channels, *noise.shape[2:]))
+            noise = torch.cat([noise, extra.to(device=noise.device, dtype=noise.dtype)], dim=1)
+        if tuple(noise.shape) != full_shape:
             raise ValueError(
-                f"noise has shape {tuple(noise.shape)}; expected {expected} (order {n} blocks of the data's shape)."
+                f"noise has shape {tuple(noise.shape)}; expected {full_shape} (order {n} blocks of the data's shape) "
+                f"or {tuple(original_samples.shape)} (the position block alone)."
             )
-        t = self.timestep_to_time(timesteps).flatten()
+        t = self._noise_times(timesteps).flatten()
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
@@ -446,8 +625,20 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         mean = self.dynamics.mean_coefficients(t).to(device=device, dtype=dtype)  # (batch, n)
         chol = self.dynamics.cholesky(t).to(device=device, dtype=dtype)  # (batch, n, n)
         x0 = original_samples.reshape(batch, 1, -1)
-        z = mean[:, :, None] * x0 + chol @ noise.reshape(batch, n, -1)
-        return z.reshape(noise.shape)
+        z = (mean[:, :, None] * x0 + chol @ noise.reshape(batch, n, -1)).reshape(full_shape)
+        if not position_only:
+            return z
+        self._auxiliary = z[:, channels:]
+        return z[:, :channels]
+
+    def _noise_times(self, timesteps: torch.Tensor | float) -> torch.Tensor:
+        """Continuous times for :meth:`add_noise`'s timesteps (schedule entries in the zero-shot mode)."""
+        if self.config.prediction_type != "vp_epsilon":
+            return self.timestep_to_time(timesteps)
+        values = torch.as_tensor(timesteps).flatten()
+        if self.timesteps is None:
+            raise ValueError('With prediction_type="vp_epsilon", call `set_timesteps` before `add_noise`.')
+        return torch.stack([self._eval_times[self.index_for_timestep(value)] for value in values])
 
     def get_target(self, noise: torch.Tensor) -> torch.Tensor:
         """The training target for :meth:`add_noise`'s ``noise``: its last block, shape `(batch, C, ...)`."""
@@ -469,3 +660,24 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 f"Expected a HOLD state of shape (batch, order * C, ...) with order {n}, got {tuple(state.shape)}."
             )
         return state.shape[1] // n
+
+
+def _period(sample: torch.Tensor) -> int:
+    """Smallest ``k`` such that ``sample`` is ``sample[:k]`` repeated along the batch axis."""
+    batch = sample.shape[0]
+    for k in range(1, batch):
+        if batch % k == 0 and torch.equal(sample, sample[:k].repeat(batch // k, *([1] * (sample.ndim - 1)))):
+            return k
+    return batch
+
+
+def _hash_seeded_normal(source: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float32 CPU draws seeded by a hash of ``source``'s values.
+
+    Stock pipelines give a scheduler no generator before its first model call; seeding from the pipeline's own
+    random draw makes the auxiliary blocks reproducible from the pipeline's generator and, for any practical
+    purpose, independent of that draw.
+    """
+    digest = hashlib.blake2b(source.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.randn(shape, generator=generator)
