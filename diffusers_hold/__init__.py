@@ -8,6 +8,7 @@ and registers the HOLD pipeline classes in the ``diffusers`` namespace (see :fun
 import diffusers
 
 from .dynamics import HOLDDynamics, LinearStep, critical_damping
+from .models import HOLDUNet2DConditionModel, HOLDUNet2DModel
 from .pipelines import HOLDPipeline
 from .schedulers import HOLDScheduler, HOLDSchedulerOutput
 
@@ -37,6 +38,8 @@ __all__ = [
     "HOLDPipeline",
     "HOLDScheduler",
     "HOLDSchedulerOutput",
+    "HOLDUNet2DConditionModel",
+    "HOLDUNet2DModel",
     "LinearStep",
     "critical_damping",
     "register_with_diffusers",

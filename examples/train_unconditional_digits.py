@@ -2,7 +2,7 @@
 
     python examples/train_unconditional_digits.py --output_dir outputs/digits
 
-A ``UNet2DModel`` reads the whole HOLD state (``order`` blocks of one channel) and learns the last block's noise
+A ``HOLDUNet2DModel`` reads the whole HOLD state (``order`` blocks of one channel) and learns the last block's noise
 with the objective of ``HOLDScheduler.add_noise`` / ``get_target``; ``HOLDPipeline`` then samples it. The trained
 pipeline is saved with ``save_pretrained`` (reload it with ``DiffusionPipeline.from_pretrained`` after
 ``import diffusers_hold``), next to ``samples.png``. Defaults take a few minutes on a laptop CPU.
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from diffusers_hold import HOLDPipeline, HOLDScheduler
+from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DModel
 from diffusers_hold.data import load_digits_images
 from diffusers_hold.utils import image_grid
 
@@ -40,12 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_unet(hold_order: int, resolution: int) -> UNet2DModel:
+def build_unet(hold_order: int, resolution: int) -> HOLDUNet2DModel:
     """A small UNet (about 1.1M parameters) whose input is the full HOLD state of one-channel images."""
-    return UNet2DModel(
+    return HOLDUNet2DModel(
         sample_size=resolution,
-        in_channels=hold_order,
+        in_channels=1,
         out_channels=1,
+        hold_order=hold_order,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),

@@ -97,7 +97,7 @@ def test_progress_bar_is_shown(capsys):
 def test_mismatched_unet_and_scheduler_raise():
     pipe = tiny_pipeline(order=3)
     pipe.scheduler = HOLDScheduler(order=2)
-    with pytest.raises(ValueError, match="in_channels == order \\* out_channels"):
+    with pytest.raises(ValueError, match="feeds it 2"):
         pipe(num_inference_steps=3)
     with pytest.raises(ValueError, match="output_type"):
         tiny_pipeline()(output_type="jpeg")

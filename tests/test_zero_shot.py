@@ -119,7 +119,7 @@ def test_hold_pipeline_samples_a_stock_unet_zero_shot():
     assert all(shape == (2, 3, 8, 8) for shape, _ in seen)  # the VP model sees C channels
     assert [t for _, t in seen] == pytest.approx([float(t) for t in scheduler.timesteps])
     assert 0 <= min(t for _, t in seen) and max(t for _, t in seen) <= 999
-    with pytest.raises(ValueError, match="in_channels == out_channels"):
+    with pytest.raises(ValueError, match="reads 6 channels and predicts 3"):
         HOLDPipeline(
             unet=UNet2DModel(
                 sample_size=8,

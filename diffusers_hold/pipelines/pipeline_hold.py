@@ -9,6 +9,7 @@ from diffusers.models import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.unet_hold import HOLDModelMixin, HOLDUNet2DModel
 from ..schedulers.scheduling_hold import HOLDScheduler
 
 __all__ = ["HOLDPipeline"]
@@ -17,21 +18,22 @@ __all__ = ["HOLDPipeline"]
 class HOLDPipeline(DiffusionPipeline):
     """Unconditional generation with a :class:`~diffusers_hold.HOLDScheduler`.
 
-    The UNet reads the whole state (``unet.config.in_channels == order * C``) and predicts the last block's noise
-    (``unet.config.out_channels == C``); or, with ``HOLDScheduler(prediction_type="vp_epsilon")``, it is a stock
+    The UNet reads the whole state and predicts the last block's noise (``C`` channels): a
+    :class:`~diffusers_hold.HOLDUNet2DModel` of the scheduler's order, or a stock ``UNet2DModel`` with
+    ``in_channels == order * out_channels``. Or, with ``HOLDScheduler(prediction_type="vp_epsilon")``, it is a stock
     pretrained VP epsilon UNet (``C`` channels in and out) that the scheduler turns into a HOLD score (zero-shot).
     The state ``[q | p | s | ...]`` travels through the loop as ``latents``; the images are its position block
     ``q``, mapped from ``[-1, 1]`` to ``[0, 1]``.
 
     Args:
-        unet ([`~diffusers.UNet2DModel`]): the noise predictor.
+        unet ([`HOLDUNet2DModel`] or [`~diffusers.UNet2DModel`]): the noise predictor.
         scheduler ([`HOLDScheduler`]): the HOLD sampler.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: HOLDScheduler):
+    def __init__(self, unet: HOLDUNet2DModel | UNet2DModel, scheduler: HOLDScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
@@ -40,19 +42,17 @@ class HOLDPipeline(DiffusionPipeline):
         if not isinstance(self.scheduler, HOLDScheduler):
             raise ValueError(f"HOLDPipeline needs a HOLDScheduler, got {type(self.scheduler).__name__}.")
         order, cfg = self.scheduler.config.order, self.unet.config
-        if self.scheduler.config.prediction_type == "vp_epsilon":
-            if cfg.in_channels != cfg.out_channels:
-                raise ValueError(
-                    f'prediction_type="vp_epsilon" needs a VP epsilon UNet with in_channels == out_channels, got '
-                    f"{cfg.in_channels} and {cfg.out_channels}."
-                )
-        elif cfg.in_channels != order * cfg.out_channels:
+        channels = cfg.out_channels
+        reads = cfg.hold_order * cfg.in_channels if isinstance(self.unet, HOLDModelMixin) else cfg.in_channels
+        zero_shot = self.scheduler.config.prediction_type == "vp_epsilon"
+        needs = channels if zero_shot else order * channels
+        if reads != needs:
             raise ValueError(
-                f"The UNet reads {cfg.in_channels} channels and predicts {cfg.out_channels}; a HOLD scheduler of "
-                f"order {order} needs in_channels == order * out_channels ({order * cfg.out_channels}), or "
-                'prediction_type="vp_epsilon" for a stock VP UNet.'
+                f"The UNet reads {reads} channels and predicts {channels}; a HOLDScheduler of order {order} with "
+                f"prediction_type={self.scheduler.config.prediction_type!r} feeds it {needs}. Use a HOLD UNet of the "
+                'scheduler\'s order with prediction_type="epsilon", or a stock VP epsilon UNet with "vp_epsilon".'
             )
-        return cfg.out_channels
+        return channels
 
     @torch.no_grad()
     def __call__(

@@ -166,6 +166,14 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         ):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}.")
+        defaulted = set(self.config.get("_use_default_values", []))
+        if prediction_type == "vp_epsilon" and defaulted.issuperset(VP_SCHEDULE_KEYS):
+            # a silent default schedule would feed the VP model the wrong noise levels
+            raise ValueError(
+                'prediction_type="vp_epsilon" needs the VP model\'s noise schedule: build the scheduler from the '
+                'pretrained one, HOLDScheduler.from_config(pipe.scheduler.config, prediction_type="vp_epsilon", '
+                "...), or pass beta_start, beta_end and beta_schedule (or trained_betas)."
+            )
         self.dynamics = HOLDDynamics(order, L_inv=L_inv, aux_init_var=aux_init_var, eps_num=eps_num)
         if trained_betas is not None:
             betas = torch.tensor(trained_betas, dtype=torch.float64)
@@ -188,6 +196,18 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         # auxiliary blocks of the state when samples are position blocks (stock pipelines), see the class docstring
         self._auxiliary: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """Build a scheduler from a config, as diffusers' ``from_config`` does, keeping the source's VP schedule.
+
+        A stock config built with default betas lists them as defaulted, and diffusers would drop them before
+        ``__init__``; they are the VP model's noise schedule, so they are passed on explicitly (``kwargs`` still win).
+        """
+        for key in (*VP_SCHEDULE_KEYS, "num_train_timesteps"):
+            if config is not None and key in config and key not in kwargs:
+                kwargs[key] = config[key]
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property

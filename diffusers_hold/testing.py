@@ -1,0 +1,103 @@
+"""Tiny real diffusers components built offline, for tests, examples and trying the scripts without the Hub.
+
+Everything here is a real diffusers / transformers class (``UNet2DConditionModel``, ``AutoencoderKL``,
+``CLIPTextModel``, ``CLIPTokenizer``, ``StableDiffusionPipeline``) with a few thousand random weights, the shapes
+diffusers' own fast tests use. The only Hub download of those tests, the tokenizer, is replaced by a character-level
+CLIP vocabulary built in memory. The images such a pipeline makes are noise-like; what it is good for is running
+every code path of a real pipeline in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = ["tiny_clip_tokenizer", "tiny_stable_diffusion_pipeline"]
+
+_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is single characters (letters, digits, punctuation), with no merges.
+
+    Args:
+        model_max_length (`int`, defaults to 77): sequence length the text encoder accepts (pipelines pad and
+            truncate prompts to it, so it must be set).
+    """
+    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    for character in string.ascii_lowercase + string.digits + string.punctuation:
+        for token in (character, character + "</w>"):  # inside a word, and at its end
+            vocab[token] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_stable_diffusion_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of tiny random components, with SD's ``scaled_linear`` DDPM schedule.
+
+    Args:
+        seed (`int`, defaults to 0): seed of the random weights.
+        sample_size (`int`, defaults to 16): latent side; images are twice as large (one VAE downsampling).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            norm_num_groups=2,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(4, 8),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=2,
+            sample_size=2 * sample_size,
+        )
+        tokenizer = tiny_clip_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=8,
+                intermediate_size=16,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
