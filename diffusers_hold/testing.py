@@ -101,3 +101,19 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, sample_size: int = 16) -> Stab
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m diffusers_hold.testing FOLDER``: write a tiny random Stable Diffusion pipeline to try scripts on."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("output_dir", help="Folder to write the pipeline to (save_pretrained layout).")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tiny_stable_diffusion_pipeline(seed=args.seed).save_pretrained(args.output_dir)
+    print(f"tiny Stable Diffusion pipeline written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
