@@ -7,6 +7,7 @@ and registers the HOLD pipeline classes in the ``diffusers`` namespace (see :fun
 
 import diffusers
 
+from . import hub
 from .dynamics import HOLDDynamics, LinearStep, critical_damping
 from .models import HOLDUNet2DConditionModel, HOLDUNet2DModel
 from .pipelines import HOLDPipeline
@@ -42,5 +43,6 @@ __all__ = [
     "HOLDUNet2DModel",
     "LinearStep",
     "critical_damping",
+    "hub",
     "register_with_diffusers",
 ]
