@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel, HOLDUNet2DModel
+from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DConditionModel, HOLDUNet2DModel
 from diffusers_hold.testing import tiny_stable_diffusion_pipeline
 
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -86,6 +86,34 @@ def test_unconditional_hold_unet():
     assert isinstance(unet, UNet2DModel) and unet.conv_in.in_channels == 2
     sample, t, _ = hold_inputs(HOLDScheduler(order=2), channels=1)
     assert unet(sample, t).sample.shape == (2, 1, 8, 8)
+
+
+def test_unconditional_conversion_in_hold_pipeline_matches_zero_shot():
+    torch.manual_seed(0)
+    stock = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    ddpm = DDPMScheduler()
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    zero_shot = sample(
+        HOLDPipeline(
+            unet=stock, scheduler=HOLDScheduler.from_config(ddpm.config, order=2, prediction_type="vp_epsilon")
+        )
+    ).images
+    converted = HOLDUNet2DModel.from_unet(stock, order=2, scheduler_config=ddpm.config)
+    scheduler = HOLDScheduler.from_config(ddpm.config, **converted.hold_process_settings())
+    torch.testing.assert_close(sample(HOLDPipeline(unet=converted, scheduler=scheduler)).images, zero_shot)
 
 
 def test_from_unet_equals_the_zero_shot_conversion_of_the_pretrained_unet():

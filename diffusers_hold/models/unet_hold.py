@@ -48,6 +48,8 @@ def _unet_arguments(arguments: dict) -> dict:
 class HOLDModelMixin:
     """What both HOLD UNets add to their diffusers base class: the HOLD settings, the wide input and the conversion."""
 
+    _hold_base_class: type  # the diffusers UNet class that from_unet converts
+
     def _init_hold(self, order: int, parameterization: str, settings: Mapping | None) -> None:
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
@@ -127,7 +129,37 @@ class HOLDModelMixin:
         return self.hold_scheduler.epsilon_from_vp(sample, vp_noise_pred, timestep)
 
     @classmethod
-    def _convert(cls, unet, base: type, order: int, scheduler_config: Mapping | None, **process):
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel | UNet2DModel,
+        *,
+        order: int = 3,
+        scheduler_config: Mapping,
+        T: float = 5.0,
+        L_inv: float = 1.0,
+        aux_init_var: float = 0.08,
+        eps_num: float = 1e-6,
+    ):
+        """Convert a pretrained diffusers UNet into a HOLD UNet that starts as its zero-shot HOLD sampler.
+
+        The model reads ``[sqrt(alpha_bar) * s | aux]`` at the VP timestep (the sufficient statistic ``s`` of the
+        state, HOLD_MATH section 4); the pretrained weights see ``sqrt(alpha_bar) * s`` and the weights of the
+        auxiliary inputs start at zero, so before any training it generates what the zero-shot scheduler
+        (``prediction_type="vp_epsilon"``) generates with the pretrained UNet.
+
+        Args:
+            unet (`UNet2DConditionModel` for :class:`HOLDUNet2DConditionModel`, `UNet2DModel` for
+                :class:`HOLDUNet2DModel`): a pretrained VP epsilon UNet (``in_channels == out_channels``).
+            order (`int`, defaults to 3): HOLD order of the new model.
+            scheduler_config (`Mapping`): the pretrained model's scheduler config (e.g. ``pipe.scheduler.config``);
+                its VP schedule (``beta_*``, ``trained_betas``, ``num_train_timesteps``) becomes the model's.
+            T (`float`, defaults to 5.0), L_inv (`float`, defaults to 1.0), aux_init_var (`float`, defaults to
+                0.08), eps_num (`float`, defaults to 1e-6): the HOLD process settings (see :class:`HOLDScheduler`).
+
+        Returns:
+            The HOLD UNet, with ``hold_parameterization="sufficient_statistic"``, on the UNet's device and dtype.
+        """
+        base = cls._hold_base_class
         if not isinstance(unet, base) or isinstance(unet, HOLDModelMixin):
             raise TypeError(f"{cls.__name__}.from_unet converts a {base.__name__}, got {type(unet).__name__}.")
         if unet.config.in_channels != unet.config.out_channels:
@@ -145,7 +177,7 @@ class HOLDModelMixin:
             raise ValueError(f"from_unet converts epsilon-prediction models; this one predicts {prediction_type!r}.")
         settings = {key: scheduler_config[key] for key in VP_SCHEDULE_KEYS if key in scheduler_config}
         settings["num_train_timesteps"] = scheduler_config.get("num_train_timesteps", 1000)
-        settings.update(process)
+        settings.update(T=T, L_inv=L_inv, aux_init_var=aux_init_var, eps_num=eps_num)
         init_keys = inspect.signature(cls.__init__).parameters
         config = {k: v for k, v in unet.config.items() if k in init_keys and not k.startswith("hold_")}
         model = cls(**config, hold_order=order, hold_parameterization="sufficient_statistic", hold_settings=settings)
@@ -173,6 +205,8 @@ class HOLDUNet2DConditionModel(HOLDModelMixin, UNet2DConditionModel):
         Every other argument is the base class's, unchanged; ``in_channels`` and ``out_channels`` are the data's
         ``C`` channels.
     """
+
+    _hold_base_class = UNet2DConditionModel
 
     @register_to_config
     def __init__(
@@ -259,47 +293,6 @@ class HOLDUNet2DConditionModel(HOLDModelMixin, UNet2DConditionModel):
         )
         return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
 
-    @classmethod
-    def from_unet(
-        cls,
-        unet: UNet2DConditionModel,
-        *,
-        order: int = 3,
-        scheduler_config: Mapping,
-        T: float = 5.0,
-        L_inv: float = 1.0,
-        aux_init_var: float = 0.08,
-        eps_num: float = 1e-6,
-    ) -> HOLDUNet2DConditionModel:
-        """Convert a pretrained UNet2DConditionModel into a HOLD UNet that starts as its zero-shot HOLD sampler.
-
-        The model reads ``[sqrt(alpha_bar) * s | aux]`` at the VP timestep (the sufficient statistic ``s`` of the
-        state, HOLD_MATH section 4); the pretrained weights see ``sqrt(alpha_bar) * s`` and the weights of the
-        auxiliary inputs start at zero.
-
-        Args:
-            unet ([`~diffusers.UNet2DConditionModel`]): a pretrained VP epsilon UNet (``in_channels == out_channels``).
-            order (`int`, defaults to 3): HOLD order of the new model.
-            scheduler_config (`Mapping`): the pretrained model's scheduler config (e.g. ``pipe.scheduler.config``);
-                its VP schedule (``beta_*``, ``trained_betas``, ``num_train_timesteps``) becomes the model's.
-            T (`float`, defaults to 5.0), L_inv (`float`, defaults to 1.0), aux_init_var (`float`, defaults to
-                0.08), eps_num (`float`, defaults to 1e-6): the HOLD process settings (see :class:`HOLDScheduler`).
-
-        Returns:
-            `HOLDUNet2DConditionModel` with ``hold_parameterization="sufficient_statistic"``, on the UNet's device and
-            dtype.
-        """
-        return cls._convert(
-            unet,
-            UNet2DConditionModel,
-            order,
-            scheduler_config,
-            T=T,
-            L_inv=L_inv,
-            aux_init_var=aux_init_var,
-            eps_num=eps_num,
-        )
-
 
 class HOLDUNet2DModel(HOLDModelMixin, UNet2DModel):
     """A diffusers ``UNet2DModel`` that reads the whole HOLD state and predicts the last block's noise.
@@ -315,6 +308,8 @@ class HOLDUNet2DModel(HOLDModelMixin, UNet2DModel):
         Every other argument is the base class's, unchanged; ``in_channels`` and ``out_channels`` are the data's
         ``C`` channels.
     """
+
+    _hold_base_class = UNet2DModel
 
     @register_to_config
     def __init__(
@@ -376,36 +371,3 @@ class HOLDUNet2DModel(HOLDModelMixin, UNet2DModel):
             sample, timestep, lambda x, t: base_forward(x, t, class_labels, return_dict=False, **kwargs)[0]
         )
         return UNet2DOutput(sample=noise_pred) if return_dict else (noise_pred,)
-
-    @classmethod
-    def from_unet(
-        cls,
-        unet: UNet2DModel,
-        *,
-        order: int = 3,
-        scheduler_config: Mapping,
-        T: float = 5.0,
-        L_inv: float = 1.0,
-        aux_init_var: float = 0.08,
-        eps_num: float = 1e-6,
-    ) -> HOLDUNet2DModel:
-        """Convert a pretrained UNet2DModel into a HOLD UNet that starts as its zero-shot HOLD sampler.
-
-        The model reads ``[sqrt(alpha_bar) * s | aux]`` at the VP timestep (the sufficient statistic ``s`` of the
-        state, HOLD_MATH section 4); the pretrained weights see ``sqrt(alpha_bar) * s`` and the weights of the
-        auxiliary inputs start at zero.
-
-        Args:
-            unet ([`~diffusers.UNet2DModel`]): a pretrained VP epsilon UNet (``in_channels == out_channels``).
-            order (`int`, defaults to 3): HOLD order of the new model.
-            scheduler_config (`Mapping`): the pretrained model's scheduler config (e.g. ``pipe.scheduler.config``);
-                its VP schedule (``beta_*``, ``trained_betas``, ``num_train_timesteps``) becomes the model's.
-            T (`float`, defaults to 5.0), L_inv (`float`, defaults to 1.0), aux_init_var (`float`, defaults to
-                0.08), eps_num (`float`, defaults to 1e-6): the HOLD process settings (see :class:`HOLDScheduler`).
-
-        Returns:
-            `HOLDUNet2DModel` with ``hold_parameterization="sufficient_statistic"``, on the UNet's device and dtype.
-        """
-        return cls._convert(
-            unet, UNet2DModel, order, scheduler_config, T=T, L_inv=L_inv, aux_init_var=aux_init_var, eps_num=eps_num
-        )
