@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["load_digits_images"]
+__all__ = ["load_digits_images", "write_digits_imagefolder"]
 
 
 def load_digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,3 +40,35 @@ def load_digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor
         )
     images = np.clip(images, 0.0, 1.0) * 2.0 - 1.0
     return torch.from_numpy(images)[:, None], torch.from_numpy(digits.target.astype(np.int64))
+
+
+def write_digits_imagefolder(output_dir: str | os.PathLike, resolution: int = 16, limit: int | None = None) -> Path:
+    """Write the bundled digits as an imagefolder (PNG files plus ``metadata.jsonl`` captions such as "digit 7").
+
+    The layout is what ``datasets.load_dataset("imagefolder", data_dir=...)`` and the training scripts'
+    ``--train_data_dir`` read, so the scripts can be tried on real data without a download.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): folder to create; must not exist or be empty.
+        resolution (`int`, defaults to 16): side length of the PNG files.
+        limit (`int`, *optional*): write only the first ``limit`` digits (a small training set memorizes sooner).
+
+    Returns:
+        `pathlib.Path`: the folder.
+    """
+    images, labels = load_digits_images(resolution)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}.")
+        images, labels = images[:limit], labels[:limit]
+    folder = Path(output_dir)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; choose a new folder for the digits.")
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for i, (image, label) in enumerate(zip(pixels, labels.tolist(), strict=True)):
+            name = f"digit_{i:04d}.png"
+            Image.fromarray(image, mode="L").save(folder / name)
+            metadata.write(json.dumps({"file_name": name, "text": f"digit {label}"}) + "\n")
+    return folder

@@ -1,0 +1,381 @@
+"""What the training scripts in ``training/`` share, usable from your own loop as well.
+
+- :func:`noisy_input_and_target`: the diffusion objective for a :class:`HOLDScheduler` (noise in every block, the
+  last block's noise as target) and for diffusers' DDPM-type schedulers (epsilon or v-prediction), so one loop
+  trains HOLD and its baseline.
+- :func:`signal_to_noise` and :func:`min_snr_loss_weights`: min-SNR-gamma weighting for both kinds of scheduler.
+- :class:`CheckpointManager`: ``accelerator.save_state`` into a hidden temporary folder renamed into place once every
+  process has written its part, so ``latest`` never picks a half-written checkpoint; pruning to a total limit.
+- :func:`add_training_arguments`, :func:`build_timestep_sampler`, :func:`save_validation_grid`: the flags, the
+  timestep sampler and the validation grids of both scripts.
+- :class:`NoiseGenerator`: a per-process ``torch.Generator`` for noise and timesteps whose state is saved with each
+  checkpoint. It is independent of the global RNG (which data loaders also draw from), so a resumed run draws
+  exactly what an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from safetensors.torch import load_file, save_file
+
+from .mitigations.timestep_sampling import TimestepSampler, get_timestep_sampler
+from .schedulers.scheduling_hold import HOLDScheduler
+from .utils import image_grid
+
+__all__ = [
+    "CheckpointManager",
+    "NoiseGenerator",
+    "add_training_arguments",
+    "build_timestep_sampler",
+    "check_replicas_agree",
+    "check_tracker_available",
+    "min_snr_loss_weights",
+    "noisy_input_and_target",
+    "save_validation_grid",
+    "signal_to_noise",
+]
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+logger = get_logger(__name__)
+
+
+def noisy_input_and_target(
+    noise_scheduler, clean: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input and regression target for clean data ``clean`` at ``timesteps``.
+
+    Args:
+        noise_scheduler: a :class:`HOLDScheduler` (input: the whole HOLD state, ``order * C`` channels; target: the
+            last block's noise) or a diffusers DDPM-type scheduler with ``add_noise`` (target: the noise, or the
+            velocity for ``prediction_type="v_prediction"``).
+        clean (`torch.Tensor` of shape `(batch, C, H, W)`): images or latents.
+        timesteps (`torch.Tensor` of shape `(batch,)`): the scheduler's training timesteps.
+        generator (`torch.Generator`, *optional*): source of the noise (on the CPU, moved to ``clean``'s device).
+    """
+    if isinstance(noise_scheduler, HOLDScheduler):
+        shape = (clean.shape[0], noise_scheduler.hold_order * clean.shape[1], *clean.shape[2:])
+        noise = torch.randn(shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
+        return noise_scheduler.add_noise(clean, noise, timesteps), noise_scheduler.get_target(noise)
+    noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noisy, noise
+    if prediction_type == "v_prediction":
+        return noisy, noise_scheduler.get_velocity(clean, noise, timesteps)
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'.")
+
+
+def signal_to_noise(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR at ``timesteps`` (float32, on the timesteps' device): the position block's for HOLD, else VP's."""
+    if isinstance(noise_scheduler, HOLDScheduler):
+        snr = noise_scheduler.snr(timesteps)
+    else:
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)[timesteps.cpu().long()]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.to(device=timesteps.device, dtype=torch.float32)
+
+
+def min_snr_loss_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for epsilon targets,
+    ``min(SNR, gamma) / (SNR + 1)`` for velocity targets.
+
+    At ``SNR = 0`` (a zero-terminal-SNR schedule) the epsilon weight takes its limit 1 instead of dividing by zero.
+
+    Args:
+        snr (`torch.Tensor`): per-sample SNR (:func:`signal_to_noise`).
+        gamma (`float`): the clamp, e.g. 5.0.
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"` or `"v_prediction"`.
+    """
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {gamma}.")
+    clamped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clamped / (snr + 1)
+    if prediction_type != "epsilon":
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r} for min-SNR weighting.")
+    return torch.where(snr > 0, clamped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+
+
+class NoiseGenerator:
+    """A ``torch.Generator`` per process, seeded with ``seed + process_index``, saved and restored per process.
+
+    Args:
+        seed (`int`): base seed of the run.
+        process_index (`int`, defaults to 0): this process's rank (ranks draw different noise).
+    """
+
+    def __init__(self, seed: int, process_index: int = 0):
+        self.process_index = process_index
+        self.generator = torch.Generator().manual_seed(seed + process_index)
+
+    def _path(self, folder: str | os.PathLike) -> Path:
+        return Path(folder) / f"noise_generator_{self.process_index}.safetensors"
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write this process's generator state into ``folder``."""
+        save_file({"state": self.generator.get_state()}, self._path(folder))
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Restore this process's generator state from ``folder``; raises if the checkpoint has none for it."""
+        path = self._path(folder)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written by a run with fewer processes than this one."
+            )
+        self.generator.set_state(load_file(path)["state"])
+
+
+class CheckpointManager:
+    """Atomic ``accelerator.save_state`` checkpoints named ``checkpoint-<step>`` in ``output_dir``.
+
+    Every process writes into a hidden ``.checkpoint-<step>.tmp`` folder; once all have finished, the main process
+    renames it to ``checkpoint-<step>`` (a rename is atomic on one file system). A crash mid-save leaves only a hidden
+    temporary folder, which :meth:`latest` never returns and the next run deletes.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the run's output folder.
+        total_limit (`int`, *optional*): keep at most this many checkpoints (the oldest are deleted first).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
+        if total_limit is not None and total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be >= 1, got {total_limit}.")
+        self.output_dir = Path(output_dir)
+        self.total_limit = total_limit
+
+    def checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The finished checkpoint with the highest step, or ``None``."""
+        checkpoints = self.checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def resolve(self, resume_from_checkpoint: str) -> Path | None:
+        """The checkpoint named by ``--resume_from_checkpoint``: ``"latest"`` (``None`` when there is none yet) or a
+        path / a name inside ``output_dir``, which must exist."""
+        if resume_from_checkpoint == "latest":
+            return self.latest()
+        path = Path(resume_from_checkpoint)
+        if not path.is_absolute() and not path.exists():
+            path = self.output_dir / path
+        if not (path.is_dir() and CHECKPOINT_PATTERN.match(path.name)):
+            raise FileNotFoundError(f"No checkpoint folder {resume_from_checkpoint!r} (looked for {path}).")
+        return path
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        """The global step a checkpoint was written at."""
+        return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+
+    def remove_unfinished(self, accelerator) -> None:
+        """Delete temporary folders that a crashed save left behind (main process), then synchronise."""
+        if accelerator.is_main_process and self.output_dir.is_dir():
+            for path in self.output_dir.glob(".checkpoint-*.tmp"):
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+
+    def save(self, accelerator, step: int, noise_generator: NoiseGenerator | None = None) -> Path:
+        """Write ``checkpoint-<step>`` with the accelerator's state (models, optimizers, schedulers, RNGs, registered
+        objects) and each process's noise generator; prune to the total limit. Call on every process."""
+        final = self.output_dir / f"checkpoint-{step}"
+        staging = self.output_dir / f".checkpoint-{step}.tmp"
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        if noise_generator is not None:
+            noise_generator.save(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():  # the same step saved again (e.g. the final step after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            if self.total_limit is not None:
+                for old in self.checkpoints()[: -self.total_limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator, checkpoint: Path, noise_generator: NoiseGenerator | None = None) -> int:
+        """Restore ``checkpoint`` into the accelerator (and the noise generator); returns its global step."""
+        accelerator.load_state(str(checkpoint))
+        if noise_generator is not None:
+            noise_generator.load(checkpoint)
+        return self.step_of(checkpoint)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags both training scripts share (diffusers' names where the meaning is the same).
+
+    Args:
+        parser (`argparse.ArgumentParser`): the script's parser.
+    """
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name", default=None, help="A save_to_disk folder, a local data folder or a dataset id."
+    )
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="An imagefolder (with metadata.jsonl for captions).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--resolution", type=int, default=32)
+    data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images (and count them).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    hold = parser.add_argument_group("HOLD")
+    hold.add_argument("--scheduler", choices=("hold", "ddpm"), default="hold", help="ddpm trains the baseline.")
+    hold.add_argument("--hold_order", type=int, default=3)
+    hold.add_argument("--hold_solver", choices=("euler_maruyama", "sscs", "ddim"), default="sscs")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", required=True)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--train_batch_size", type=int, default=16)
+    training.add_argument("--num_train_epochs", type=int, default=100)
+    training.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--gradient_checkpointing", action="store_true")
+    training.add_argument("--learning_rate", type=float, default=1e-4)
+    training.add_argument("--lr_scheduler", default="constant", help="A diffusers.optimization scheduler name.")
+    training.add_argument("--lr_warmup_steps", type=int, default=0)
+    training.add_argument("--adam_beta1", type=float, default=0.9)
+    training.add_argument("--adam_beta2", type=float, default=0.999)
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    training.add_argument("--adam_epsilon", type=float, default=1e-8)
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables gradient clipping.")
+    training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is the usual value.")
+    training.add_argument("--use_ema", action="store_true")
+    training.add_argument("--ema_max_decay", type=float, default=0.9999)
+    training.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+
+    timesteps = parser.add_argument_group("timestep sampling (diffusers_hold.mitigations)")
+    timesteps.add_argument(
+        "--timestep_sampling", choices=("uniform", "snr_interval", "logit_normal"), default="uniform"
+    )
+    timesteps.add_argument("--snr_interval_low", type=float, default=None, help="c_low of the interval.")
+    timesteps.add_argument("--snr_interval_high", type=float, default=None, help="c_high of the interval.")
+    timesteps.add_argument("--snr_interval_confidence", type=float, default=0.95)
+    timesteps.add_argument("--snr_interval_space", choices=("u", "logsnr"), default="u")
+    timesteps.add_argument(
+        "--snr_interval_tails", choices=("renormalize", "clip", "redistribute_uniform"), default="renormalize"
+    )
+    timesteps.add_argument("--timestep_uniform_mixture", type=float, default=0.0)
+    timesteps.add_argument("--timestep_importance_weights", action="store_true")
+    timesteps.add_argument("--logit_normal_mean", type=float, default=0.0)
+    timesteps.add_argument("--logit_normal_std", type=float, default=1.0)
+
+    output = parser.add_argument_group("checkpoints, validation, logging")
+    output.add_argument("--checkpointing_steps", type=int, default=500)
+    output.add_argument("--checkpoints_total_limit", type=int, default=None)
+    output.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
+    output.add_argument("--validation_steps", type=int, default=None, help="Write a grid of samples every N steps.")
+    output.add_argument("--num_validation_images", type=int, default=16)
+    output.add_argument("--validation_inference_steps", type=int, default=100)
+    output.add_argument("--report_to", default="tensorboard", help='An accelerate tracker, or "none".')
+    output.add_argument("--push_to_hub", action="store_true")
+    output.add_argument("--hub_model_id", default=None)
+    output.add_argument("--hub_token", default=None)
+    return parser
+
+
+def build_timestep_sampler(args: argparse.Namespace, noise_scheduler) -> TimestepSampler:
+    """The timestep sampler chosen by ``--timestep_sampling`` and its flags."""
+    if args.timestep_sampling == "uniform":
+        return get_timestep_sampler("uniform", noise_scheduler)
+    if args.timestep_sampling == "logit_normal":
+        return get_timestep_sampler(
+            "logit_normal",
+            noise_scheduler,
+            mean=args.logit_normal_mean,
+            std=args.logit_normal_std,
+            importance_weights=args.timestep_importance_weights,
+        )
+    if args.snr_interval_low is None or args.snr_interval_high is None:
+        raise ValueError("--timestep_sampling snr_interval needs --snr_interval_low and --snr_interval_high.")
+    return get_timestep_sampler(
+        "snr_interval",
+        noise_scheduler,
+        c_low=args.snr_interval_low,
+        c_high=args.snr_interval_high,
+        confidence=args.snr_interval_confidence,
+        space=args.snr_interval_space,
+        tails=args.snr_interval_tails,
+        uniform_mixture=args.timestep_uniform_mixture,
+        importance_weights=args.timestep_importance_weights,
+    )
+
+
+def save_validation_grid(accelerator, pipeline, args: argparse.Namespace, step: int, **pipeline_kwargs) -> Path:
+    """Sample ``--num_validation_images`` with a fixed generator, save a grid under ``<output_dir>/validation`` and
+    log the images to the trackers (main process only).
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator (for its trackers).
+        pipeline (`DiffusionPipeline`): the pipeline to sample with.
+        args (`argparse.Namespace`): the script's arguments.
+        step (`int`): the global step (file name and tracker step).
+        **pipeline_kwargs: extra pipeline arguments (e.g. the validation prompt).
+    """
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        num_inference_steps=args.validation_inference_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        **pipeline_kwargs,
+    ).images
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.png"
+    image_grid(images, padding=2, scale=max(1, 128 // images[0].size[0])).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            array = np.stack([np.asarray(image.convert("RGB")) for image in images])
+            tracker.writer.add_images("validation", array, step, dataformats="NHWC")
+    return path
+
+
+def check_replicas_agree(accelerator, model: torch.nn.Module) -> None:
+    """Raise unless every process holds the same weights (data-parallel replicas must never drift apart).
+
+    Compares a float64 fingerprint of the parameters (their sum and sum of squares) across processes; logs it.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        model (`torch.nn.Module`): the (prepared) model.
+    """
+    parameters = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
+    fingerprint = torch.stack([sum(p.sum() for p in parameters), sum(p.square().sum() for p in parameters)])
+    everyone = accelerator.gather(fingerprint.to(accelerator.device)[None]).cpu()
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError(f"The {accelerator.num_processes} processes hold different weights: {everyone.tolist()}.")
+    logger.info(
+        f"weights agree across {accelerator.num_processes} processes (fingerprint {everyone[0].tolist()})",
+        main_process_only=True,
+    )
+
+
+def check_tracker_available(report_to: str) -> None:
+    """Fail before training when ``--report_to`` names a tracker that is not installed (accelerate would only warn
+    and drop it, and the run would log nothing)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to in available and not available[report_to]():
+        raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}.")

@@ -1,0 +1,128 @@
+"""training/train_unconditional_hold.py end to end under ``accelerate launch``: HOLD and DDPM, EMA, validation grids,
+tensorboard, atomic checkpoints, exact resume after a kill, two processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+import diffusers_hold
+from diffusers_hold.data import write_digits_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "train_unconditional_hold.py"
+SMALL = ["--resolution", "16", "--num_channels", "1", "--block_out_channels", "8", "16", "--train_batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", limit=64)
+
+
+def launch(args, num_processes=1, port=29600, **popen):
+    """``accelerate launch`` the script; two processes run on the CPU with gloo (ACCELERATE_USE_CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no"]
+    if num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+    else:
+        command += ["--num_processes", "1"]
+    return command + [str(SCRIPT), *map(str, args)], env
+
+
+def run(args, **kwargs):
+    command, env = launch(args, **kwargs)
+    out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def weights(folder):
+    return load_file(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_hold_training_run_saves_a_loadable_pipeline_grids_logs_and_limited_checkpoints(digits, tmp_path):
+    out = tmp_path / "run"
+    args = [*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "6", "--use_ema"]
+    args += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_steps", "3"]
+    args += ["--num_validation_images", "4", "--validation_inference_steps", "4", "--snr_gamma", "5"]
+    log = run(
+        [*args, "--timestep_sampling", "snr_interval", "--snr_interval_low", "0.05", "--snr_interval_high", "0.5"]
+    )
+    assert "steps: 100%" in log and "loss=" in log and "lr=" in log  # the tqdm bar with loss and learning rate
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob(".checkpoint-*"))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, diffusers_hold.HOLDPipeline) and isinstance(pipe.unet, diffusers_hold.HOLDUNet2DModel)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert images.images.shape == (2, 16, 16, 1) and np.isfinite(images.images).all()
+
+
+def test_ddpm_baseline_from_the_same_script(digits, tmp_path):
+    out = tmp_path / "ddpm"
+    run([*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "3", "--scheduler", "ddpm"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.config.in_channels == 1
+
+
+def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(digits, tmp_path):
+    common = [*SMALL, "--train_data_dir", digits, "--max_train_steps", "24", "--checkpointing_steps", "3"]
+    common += ["--use_ema", "--random_flip", "--lr_scheduler", "cosine", "--report_to", "none"]
+    run([*common, "--output_dir", tmp_path / "straight"])
+
+    interrupted = tmp_path / "interrupted"
+    command, env = launch([*common, "--output_dir", interrupted])
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (interrupted / "checkpoint-3").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its training process
+    process.wait()
+    assert not (interrupted / "model_index.json").exists()  # it did not finish
+    log = run([*common, "--output_dir", interrupted, "--resume_from_checkpoint", "latest"])
+    assert "Resumed from" in log
+
+    straight, resumed = weights(tmp_path / "straight"), weights(interrupted)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+
+
+def test_two_processes_train_and_agree_on_the_weights(digits, tmp_path):
+    out = tmp_path / "ddp"
+    log = run(
+        [*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "4", "--report_to", "none"],
+        num_processes=2,
+    )
+    assert "weights agree across 2 processes" in log
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_bad_input_fails_before_training(digits, tmp_path):
+    def fails(*args):
+        out = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode != 0
+        return out.stderr
+
+    base = [*SMALL[2:], "--output_dir", tmp_path / "x", "--max_train_steps", "1"]
+    assert "not a multiple of 2" in fails(*base, "--train_data_dir", digits, "--resolution", "15")
+    assert "contains no image files" in fails(*base, "--train_data_dir", tmp_path, "--resolution", "16")
+    assert "--train_data_dir or --dataset_name" in fails(*base, "--resolution", "16")
+    assert "no full batch" in fails(
+        *base, "--train_data_dir", digits, "--resolution", "16", "--train_batch_size", "128"
+    )
