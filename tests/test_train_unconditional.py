@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate_launch import ROOT, launch_command, run_script
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 import diffusers_hold
 from diffusers_hold.data import write_digits_imagefolder
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_unconditional_hold.py"
 SMALL = ["--resolution", "16", "--num_channels", "1", "--block_out_channels", "8", "16", "--train_batch_size", "8"]
 
@@ -27,24 +27,8 @@ def digits(tmp_path_factory):
     return write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits", limit=64)
 
 
-def launch(args, num_processes=1, port=29600, **popen):
-    """``accelerate launch`` the script; two processes run on the CPU with gloo (ACCELERATE_USE_CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no"]
-    if num_processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(port)]
-    else:
-        command += ["--num_processes", "1"]
-    return command + [str(SCRIPT), *map(str, args)], env
-
-
 def run(args, **kwargs):
-    command, env = launch(args, **kwargs)
-    out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
+    return run_script(SCRIPT, args, **kwargs)
 
 
 def weights(folder):
@@ -84,7 +68,7 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(digits, t
     run([*common, "--output_dir", tmp_path / "straight"])
 
     interrupted = tmp_path / "interrupted"
-    command, env = launch([*common, "--output_dir", interrupted])
+    command, env = launch_command(SCRIPT, [*common, "--output_dir", interrupted])
     process = subprocess.Popen(
         command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

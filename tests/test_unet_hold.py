@@ -88,6 +88,19 @@ def test_unconditional_hold_unet():
     assert unet(sample, t).sample.shape == (2, 1, 8, 8)
 
 
+def test_a_fresh_hold_unet_is_a_stock_unet_of_the_state_width():
+    """Same layers, same initialisation from the same seed: only the config's in_channels (the data's) differs."""
+    kwargs = {"sample_size": 8, "out_channels": 2, "block_out_channels": (8, 16), "layers_per_block": 1}
+    kwargs |= {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
+    torch.manual_seed(0)
+    hold = HOLDUNet2DModel(in_channels=2, hold_order=3, norm_num_groups=4, **kwargs)
+    torch.manual_seed(0)
+    stock = UNet2DModel(in_channels=6, norm_num_groups=4, **kwargs)
+    assert hold.config.in_channels == 2 and stock.config.in_channels == 6
+    for (name, a), (_, b) in zip(hold.state_dict().items(), stock.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_unconditional_conversion_in_hold_pipeline_matches_zero_shot():
     torch.manual_seed(0)
     stock = UNet2DModel(

@@ -31,8 +31,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (DiffusionPipeline loading looks it up here)
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
-from torch import nn
 
+from ..dynamics import critical_damping
 from ..schedulers.scheduling_hold import HOLD_SETTINGS_ATTRIBUTE, PROCESS_KEYS, VP_SCHEDULE_KEYS, HOLDScheduler
 
 __all__ = ["HOLDUNet2DConditionModel", "HOLDUNet2DModel"]
@@ -41,8 +41,14 @@ PARAMETERIZATIONS = ("state", "sufficient_statistic")
 
 
 def _unet_arguments(arguments: dict) -> dict:
-    """The arguments of a HOLD UNet's ``__init__`` that belong to the diffusers UNet it extends."""
-    return {k: v for k, v in arguments.items() if k not in ("self", "__class__") and not k.startswith("hold_")}
+    """The arguments of a HOLD UNet's ``__init__`` for the diffusers UNet it extends, with ``in_channels`` widened to
+    the whole HOLD state (so the first convolution is built once, exactly as a stock UNet of that width would be)."""
+    unet_arguments = {
+        k: v for k, v in arguments.items() if k not in ("self", "__class__") and not k.startswith("hold_")
+    }
+    critical_damping(arguments["hold_order"])  # a clear error for an invalid order, before any layer is built
+    unet_arguments["in_channels"] = arguments["hold_order"] * arguments["in_channels"]
+    return unet_arguments
 
 
 class HOLDModelMixin:
@@ -74,10 +80,8 @@ class HOLDModelMixin:
         # ... and keep them on reload: diffusers drops config keys listed as defaulted when it loads a config
         defaulted = [k for k in self.config.get("_use_default_values", []) if k != "hold_settings"]
         self.register_to_config(_use_default_values=defaulted)
-        conv = self.conv_in
-        self.conv_in = nn.Conv2d(
-            order * conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, padding=conv.padding
-        )
+        # the base class built conv_in for the whole state; the config keeps the data's channels for pipelines
+        self.register_to_config(in_channels=self.conv_in.in_channels // order)
 
     def hold_process_settings(self) -> dict:
         """The HOLD forward-process settings of this UNet, as :class:`HOLDScheduler` config values.

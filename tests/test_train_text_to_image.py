@@ -1,0 +1,102 @@
+"""training/train_text_to_image_hold.py on a tiny local SD folder and a captioned imagefolder, under accelerate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate_launch import ROOT, run_script
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import diffusers_hold
+from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel
+from diffusers_hold.testing import tiny_stable_diffusion_pipeline
+
+SCRIPT = ROOT / "training" / "train_text_to_image_hold.py"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    tiny_stable_diffusion_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captioned_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            metadata.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture of thing {i}"}) + "\n")
+    return folder
+
+
+def train(args, **kwargs):
+    return run_script(SCRIPT, args, **kwargs)
+
+
+def common(sd_folder, images, out, steps=3):
+    return ["--pretrained_model_name_or_path", sd_folder, "--train_data_dir", images, "--resolution", "32",
+            "--output_dir", out, "--max_train_steps", steps, "--train_batch_size", "2", "--report_to", "none",
+            "--checkpointing_steps", "2"]  # fmt: skip
+
+
+def generate(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a picture", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+
+
+def test_full_hold_fine_tune_converts_the_unet_and_saves_a_loadable_pipeline(sd_folder, captioned_images, tmp_path):
+    out = tmp_path / "full"
+    log = train([*common(sd_folder, captioned_images, out), "--use_ema", "--validation_steps", "3",
+                 "--validation_prompts", "a picture", "--num_validation_images", "1",
+                 "--validation_inference_steps", "3", "--snr_gamma", "5"])  # fmt: skip
+    assert "steps: 100%" in log
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, HOLDUNet2DConditionModel)
+    assert isinstance(pipe.scheduler, HOLDScheduler) and pipe.unet.config.hold_order == 3
+    assert (out / "validation" / "step-0000003.png").exists()
+    assert generate(pipe).shape == (1, 32, 32, 3)
+    # training moved the weights of the auxiliary inputs away from their zero start
+    assert pipe.unet.conv_in.weight[:, 4:].abs().max() > 0
+
+
+def test_lora_fine_tune_saves_adapters_and_a_fused_pipeline(sd_folder, captioned_images, tmp_path):
+    out = tmp_path / "lora"
+    train([*common(sd_folder, captioned_images, out), "--use_lora", "--rank", "2", "--learning_rate", "1e-2"])
+    adapters = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any("conv_in" in name for name in adapters) and any("to_q" in name for name in adapters)
+    fused = DiffusionPipeline.from_pretrained(out)
+    # the converted base plus the saved adapters generates what the fused pipeline generates
+    base = StableDiffusionPipeline.from_pretrained(sd_folder)
+    stock = base.scheduler.config
+    base.unet = HOLDUNet2DConditionModel.from_unet(base.unet, order=3, scheduler_config=stock)
+    base.scheduler = fused.scheduler
+    base.load_lora_weights(out)
+    np.testing.assert_allclose(generate(base), generate(fused), atol=2e-3)
+    assert not torch.equal(fused.unet.conv_in.weight, base.unet.conv_in.base_layer.weight)
+
+
+def test_ddpm_baseline_and_resume(sd_folder, captioned_images, tmp_path):
+    out = tmp_path / "ddpm"
+    train([*common(sd_folder, captioned_images, out, steps=2), "--scheduler", "ddpm"])
+    log = train([*common(sd_folder, captioned_images, out, steps=4), "--scheduler", "ddpm",
+                 "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert "Resumed from" in log and "checkpoint-2" in log
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_lora_on_two_processes(sd_folder, captioned_images, tmp_path):
+    out = tmp_path / "ddp"
+    log = train([*common(sd_folder, captioned_images, out, steps=2), "--use_lora"], num_processes=2, port=29611)
+    assert "weights agree across 2 processes" in log
+    assert isinstance(diffusers_hold.HOLDScheduler.from_pretrained(out / "scheduler"), HOLDScheduler)
