@@ -30,23 +30,30 @@ def _busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (benchmarks that launch scripts)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 class ForeignLoad:
     """Share of the machine's CPU time used by other processes while the benchmark ran (contention check).
 
     Create it when the measurements start and call :meth:`share` when they end. The share is the machine's busy CPU
-    time over that span (``/proc/stat``) minus this process's own CPU time, divided by the wall time times the number
-    of CPUs: 0 on an otherwise idle machine, 1 when other processes kept every CPU busy throughout.
+    time over that span (``/proc/stat``) minus the CPU time of this process and its finished children, divided by
+    the wall time times the number of CPUs: 0 on an otherwise idle machine, 1 when other processes kept every CPU
+    busy throughout.
     """
 
     def __init__(self) -> None:
-        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+        self.wall, self.own, self.busy = time.perf_counter(), _own_cpu_seconds(), _busy_cpu_seconds()
 
     def share(self, cpu_count: int) -> float | None:
         """Foreign CPU share since construction, over ``cpu_count`` CPUs; ``None`` where ``/proc/stat`` is missing."""
         busy = _busy_cpu_seconds()
         if busy is None or self.busy is None:
             return None
-        foreign = (busy - self.busy) - (time.process_time() - self.own)
+        foreign = (busy - self.busy) - (_own_cpu_seconds() - self.own)
         return max(0.0, foreign) / ((time.perf_counter() - self.wall) * cpu_count)
 
 

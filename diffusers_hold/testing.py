@@ -42,12 +42,16 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     )
 
 
-def tiny_stable_diffusion_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
+def tiny_stable_diffusion_pipeline(
+    seed: int = 0, sample_size: int = 16, block_out_channels: tuple[int, int] = (4, 8), cross_attention_dim: int = 8
+) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` of tiny random components, with SD's ``scaled_linear`` DDPM schedule.
 
     Args:
         seed (`int`, defaults to 0): seed of the random weights.
         sample_size (`int`, defaults to 16): latent side; images are twice as large (one VAE downsampling).
+        block_out_channels (`tuple[int, int]`, defaults to `(4, 8)`): the UNet's widths (wider for benchmarks).
+        cross_attention_dim (`int`, defaults to 8): the text encoder's width and the UNet's cross-attention width.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
@@ -56,11 +60,11 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, sample_size: int = 16) -> Stab
             sample_size=sample_size,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(4, 8),
+            block_out_channels=block_out_channels,
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=8,
+            cross_attention_dim=cross_attention_dim,
             attention_head_dim=2,
             norm_num_groups=2,
         )
@@ -77,8 +81,8 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, sample_size: int = 16) -> Stab
         tokenizer = tiny_clip_tokenizer()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                hidden_size=8,
-                intermediate_size=16,
+                hidden_size=cross_attention_dim,
+                intermediate_size=2 * cross_attention_dim,
                 num_attention_heads=2,
                 num_hidden_layers=2,
                 vocab_size=len(tokenizer),

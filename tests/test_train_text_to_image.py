@@ -1,6 +1,9 @@
 """training/train_text_to_image_hold.py on a tiny local SD folder and a captioned imagefolder, under accelerate."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,6 +59,7 @@ def generate(pipe):
 def test_full_hold_fine_tune_converts_the_unet_and_saves_a_loadable_pipeline(sd_folder, captioned_images, tmp_path):
     out = tmp_path / "full"
     log = train([*common(sd_folder, captioned_images, out), "--use_ema", "--validation_steps", "3",
+                 "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
                  "--validation_prompts", "a picture", "--num_validation_images", "1",
                  "--validation_inference_steps", "3", "--snr_gamma", "5"])  # fmt: skip
     assert "steps: 100%" in log
@@ -100,3 +104,19 @@ def test_lora_on_two_processes(sd_folder, captioned_images, tmp_path):
     log = train([*common(sd_folder, captioned_images, out, steps=2), "--use_lora"], num_processes=2, port=29611)
     assert "weights agree across 2 processes" in log
     assert isinstance(diffusers_hold.HOLDScheduler.from_pretrained(out / "scheduler"), HOLDScheduler)
+
+
+def test_bad_input_fails_before_training(sd_folder, captioned_images, tmp_path):
+    def fails(*args):
+        command = [sys.executable, SCRIPT, *map(str, args)]
+        out = subprocess.run(
+            command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        assert out.returncode != 0
+        return out.stderr
+
+    base = common(sd_folder, captioned_images, tmp_path / "x", steps=1)
+    assert "caption" in fails(*base, "--caption_column", "prompt")
+    assert "multiple of 2" in fails(*base, "--resolution", "31")
+    assert "--validation_prompts" in fails(*base, "--validation_steps", "1")
+    assert "LoRA adapters are trained without EMA" in fails(*base, "--use_lora", "--use_ema")
