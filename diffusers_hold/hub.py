@@ -53,7 +53,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diffusers
 import yaml
@@ -65,9 +65,12 @@ from diffusers.pipelines.pipeline_loading_utils import (
     filter_model_files,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.constants import REPOCARD_NAME
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+
+if TYPE_CHECKING:
+    from .audit import AuditReport
 
 __all__ = ["create_model_card", "push_to_hub", "save_for_hub", "validate_hub_folder"]
 
@@ -253,6 +256,7 @@ def create_model_card(
     tags: list[str] | None = None,
     extra_sections: dict[str, str] | None = None,
     repo_id: str | None = None,
+    memorization_audit: AuditReport | None = None,
 ) -> ModelCard:
     """Build the model card (``README.md``) of a HOLD pipeline for the Hub, offline.
 
@@ -277,6 +281,9 @@ def create_model_card(
             Section title -> Markdown, appended to the card in order (e.g. a memorization report).
         repo_id (`str`, *optional*):
             Hub id the card's loading snippet names; `"<repo_id>"` when not given.
+        memorization_audit ([`~diffusers_hold.audit.AuditReport`], *optional*):
+            A memorization audit: its summary becomes the section "Memorization audit" and its headline numbers the
+            card's model-index metrics (``eval_results``).
 
     Returns:
         [`~huggingface_hub.ModelCard`]: the card; `card.save(path)` writes it.
@@ -291,15 +298,33 @@ def create_model_card(
             "`pipeline.push_to_hub` instead."
         )
     pipeline_tag = _pipeline_tag(pipeline)
+    sections = dict(extra_sections or {})
+    eval_results = None
+    if memorization_audit is not None:
+        sections["Memorization audit"] = memorization_audit.to_markdown()
+        eval_results = [
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type="training-images",
+                dataset_name="training images",
+                metric_type=metric["type"],
+                metric_name=metric["name"],
+                metric_value=metric["value"],
+            )
+            for metric in memorization_audit.model_index_metrics()
+        ]
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
         tags=[*BASE_TAGS, pipeline_tag, *(tags or [])],
         base_model=base_model,
         license=license,
+        # the Hub's model-index needs a model name whenever there are evaluation results
+        model_name=(repo_id or type(pipeline).__name__) if eval_results else None,
+        eval_results=eval_results,
         hold=settings,
     )
-    body = _card_body(pipeline, settings, pipeline_tag, repo_id, extra_sections or {})
+    body = _card_body(pipeline, settings, pipeline_tag, repo_id, sections)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
@@ -335,6 +360,7 @@ def save_for_hub(
     tags: list[str] | None = None,
     extra_sections: dict[str, str] | None = None,
     repo_id: str | None = None,
+    memorization_audit: AuditReport | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Save a HOLD pipeline in a layout that loads from the Hub in one line, with its model card.
@@ -354,7 +380,8 @@ def save_for_hub(
         save_directory (`str` or `os.PathLike`):
             Folder to create; it may exist only if empty, unless `overwrite=True`.
         base_model (`str`, *optional*), license (`str`, *optional*), tags (`list[str]`, *optional*),
-            extra_sections (`dict[str, str]`, *optional*), repo_id (`str`, *optional*):
+            extra_sections (`dict[str, str]`, *optional*), repo_id (`str`, *optional*), memorization_audit
+            ([`~diffusers_hold.audit.AuditReport`], *optional*):
             Passed to :func:`create_model_card`.
         overwrite (`bool`, defaults to `False`):
             Replace the content of a non-empty `save_directory` (only once the new folder is complete).
@@ -370,7 +397,13 @@ def save_for_hub(
     target = Path(save_directory)
     _refuse_to_overwrite(target, overwrite)
     card = create_model_card(
-        pipeline, base_model=base_model, license=license, tags=tags, extra_sections=extra_sections, repo_id=repo_id
+        pipeline,
+        base_model=base_model,
+        license=license,
+        tags=tags,
+        extra_sections=extra_sections,
+        repo_id=repo_id,
+        memorization_audit=memorization_audit,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     # a sibling, so that the final rename stays on one filesystem; hidden, so that a crash leaves no visible debris
