@@ -57,6 +57,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    processes = f"{accelerator.num_processes} process(es) on {accelerator.device}"
+    logger.info(f"{processes}, mixed precision: {accelerator.mixed_precision}")
     set_seed(args.seed)
     return accelerator
 
@@ -267,7 +269,8 @@ def train(
                 checkpoints.save(accelerator, global_step, noise_generator)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 pipeline = build_pipeline(sampling_model(accelerator, model, ema))
-                path = save_validation_grid(accelerator, pipeline, args, global_step, **(validation_kwargs or {}))
+                with accelerator.autocast():  # frozen components may be in the mixed-precision dtype
+                    path = save_validation_grid(accelerator, pipeline, args, global_step, **(validation_kwargs or {}))
                 logger.info(f"validation grid: {path}")
             if global_step == global_step_at_start + warmup_updates:
                 timed_from, timed_start = global_step, time.perf_counter()

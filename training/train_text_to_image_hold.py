@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> Path:
         project_name="train_text_to_image_hold",
     )
     if accelerator.is_main_process:
+        # the saved pipeline keeps full-precision weights, whatever --mixed_precision trained with
+        vae.to(dtype=torch.float32)
+        text_encoder.to(dtype=torch.float32)
         trained = sampling_model(accelerator, unet, ema)
         if args.use_lora:
             StableDiffusionPipeline.save_lora_weights(
