@@ -3,7 +3,9 @@
 Memorization: the nearest-neighbour ratio ("1/3 rule", :func:`nn_ratio_memorization`) and the calibrated L2 distance
 (:func:`calibrated_l2`), both on a chunked exact nearest-neighbour search (:func:`nearest_neighbours`). Quality:
 Fréchet distance and k-NN precision / recall in a feature space, by default a PCA fit on held-out real images
-(:func:`quality_report`). Nothing here downloads weights. See ``shared/design/MEMORIZATION.md``, "Metrics".
+(:func:`quality_report`). Text-conditional extraction: the tiled L2 distance and the clique audit of Carlini et al.
+(:func:`tiled_l2`, :func:`clique_audit`, :func:`calibrate_clique_threshold`). Nothing here downloads weights. See
+``shared/design/MEMORIZATION.md``, "Metrics".
 """
 
 from .neighbours import (
@@ -22,18 +24,23 @@ from .quality import (
     precision_recall,
     quality_report,
 )
+from .tiled import CliqueAudit, calibrate_clique_threshold, clique_audit, tiled_l2
 
 __all__ = [
     "CalibratedL2Report",
+    "CliqueAudit",
     "MemorizationReport",
     "PCAFeatures",
     "PrecisionRecall",
     "QualityReport",
+    "calibrate_clique_threshold",
     "calibrated_l2",
+    "clique_audit",
     "frechet_distance",
     "frechet_distance_from_features",
     "nearest_neighbours",
     "nn_ratio_memorization",
     "precision_recall",
     "quality_report",
+    "tiled_l2",
 ]
