@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> Path:
                 pipeline, output_dir / "hub", base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id
             )
             hub.push_to_hub(hub_folder, args.hub_model_id, token=args.hub_token)
+    # every process waits for the main one to finish saving before the process group is torn down
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
 

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> Path:
         if args.push_to_hub:
             hub_folder = hub.save_for_hub(pipeline, output_dir / "hub", repo_id=args.hub_model_id, overwrite=True)
             hub.push_to_hub(hub_folder, args.hub_model_id, token=args.hub_token)
+    # every process waits for the main one to finish saving before the process group is torn down
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
 
