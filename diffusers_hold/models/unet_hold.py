@@ -128,9 +128,11 @@ class HOLDModelMixin:
         if self.config.hold_parameterization == "state":
             return run_unet(sample, timestep)
         channels = self.config.in_channels
-        vp_input, vp_timesteps = self.hold_scheduler.vp_model_input(sample, timestep)
-        vp_noise_pred = run_unet(torch.cat([vp_input, sample[:, channels:]], dim=1), vp_timesteps)
-        return self.hold_scheduler.epsilon_from_vp(sample, vp_noise_pred, timestep)
+        return self.hold_scheduler.zero_shot_epsilon(
+            sample,
+            timestep,
+            lambda vp_input, vp_timesteps: run_unet(torch.cat([vp_input, sample[:, channels:]], dim=1), vp_timesteps),
+        )
 
     @classmethod
     def from_unet(

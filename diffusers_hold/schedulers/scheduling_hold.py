@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -477,60 +478,48 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         return HOLDSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
     # ------------------------------------------------------------------------------------------ zero-shot (VP model)
-    def vp_model_input(
-        self, state: torch.Tensor, timesteps: torch.Tensor | float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input and timestep a pretrained VP epsilon model needs to denoise a HOLD state (HOLD_MATH section 4).
+    def zero_shot_epsilon(
+        self,
+        state: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        vp_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The last block's noise ``eps_n`` of HOLD states, from a pretrained VP epsilon model (HOLD_MATH section 4).
 
-        Unlike :meth:`scale_model_input`, this works at any (per-sample) timesteps, not only on the sampling grid; a
-        HOLD UNet with ``hold_parameterization="sufficient_statistic"`` calls it on every forward pass.
+        ``vp_model`` is called once, on ``sqrt(alpha_bar) * s`` (``s`` the sufficient statistic of the state) at the
+        fractional VP timesteps whose ``alphas_cumprod`` is that ``alpha_bar``; its noise prediction gives ``x0_hat``,
+        and ``eps_n = (L_t^{-1})_{n,:} z_t - c(t) x0_hat`` (section 3). Unlike :meth:`scale_model_input` and
+        :meth:`step`, this works at any (per-sample) timesteps, not only on the sampling grid; a HOLD UNet with
+        ``hold_parameterization="sufficient_statistic"`` runs its network through it on every forward pass.
 
         Args:
             state (`torch.Tensor` of shape `(batch, order * C, ...)`): HOLD states.
             timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): model timesteps
                 (``t * num_train_timesteps / T``).
+            vp_model (`Callable`): ``(vp_input (batch, C, ...), vp_timesteps (batch,) float32) -> noise prediction``
+                of the VP input's shape.
 
         Returns:
-            `tuple`: ``sqrt(alpha_bar) * s`` of shape `(batch, C, ...)` and the fractional VP timesteps `(batch,)`
-            (float32 on the state's device) whose ``alphas_cumprod`` is that ``alpha_bar``.
+            `torch.Tensor` of shape `(batch, C, ...)`: ``eps_n``.
         """
-        weights, alpha_bar, vp_timesteps = self._zero_shot_coefficients(self._per_sample_times(state, timesteps))
-        vp_input = self._vp_model_input(state, weights, alpha_bar)
-        return vp_input, vp_timesteps.to(device=state.device, dtype=torch.float32)
-
-    def epsilon_from_vp(
-        self, state: torch.Tensor, vp_noise_pred: torch.Tensor, timesteps: torch.Tensor | float
-    ) -> torch.Tensor:
-        """The last block's noise ``eps_n`` implied by a VP model's prediction on :meth:`vp_model_input`'s output.
-
-        The VP prediction gives ``x0_hat``; ``eps_n = (L_t^{-1})_{n,:} z_t - c(t) x0_hat`` (HOLD_MATH sections 3, 4).
-
-        Args:
-            state (`torch.Tensor` of shape `(batch, order * C, ...)`): the HOLD states given to :meth:`vp_model_input`.
-            vp_noise_pred (`torch.Tensor` of shape `(batch, C, ...)`): the VP model's noise prediction.
-            timesteps (`torch.Tensor` of shape `(batch,)` or a scalar): the same model timesteps.
-        """
-        t = self._per_sample_times(state, timesteps)
-        weights, alpha_bar, _ = self._zero_shot_coefficients(t)
-        ell, c = self.dynamics.x0_coefficients(t)
-        blocks = state.reshape(state.shape[0], self.hold_order, -1)
-
-        def cast(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device=state.device, dtype=state.dtype)
-
-        eps = vp_noise_pred.reshape(state.shape[0], -1).to(state.dtype)
-        eps_n, _ = self._epsilon_from_vp(blocks, eps, cast(weights), cast(alpha_bar), cast(ell), cast(c))
-        return eps_n.reshape(vp_noise_pred.shape)
-
-    def _per_sample_times(self, state: torch.Tensor, timesteps: torch.Tensor | float) -> torch.Tensor:
-        """Continuous times of shape `(batch,)` for model ``timesteps`` given once or per sample."""
         self._split_channels(state)
         t = self.timestep_to_time(timesteps).flatten()
         if t.numel() == 1:
             t = t.expand(state.shape[0])
         if t.numel() != state.shape[0]:
             raise ValueError(f"Got {t.numel()} timesteps for a batch of {state.shape[0]} states.")
-        return t
+        weights, alpha_bar, vp_timesteps = self._zero_shot_coefficients(t)
+        ell, c = self.dynamics.x0_coefficients(t)
+        vp_input = self._vp_model_input(state, weights, alpha_bar)
+        vp_noise_pred = vp_model(vp_input, vp_timesteps.to(device=state.device, dtype=torch.float32))
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=state.device, dtype=state.dtype)
+
+        blocks = state.reshape(state.shape[0], self.hold_order, -1)
+        eps = vp_noise_pred.reshape(state.shape[0], -1).to(state.dtype)
+        eps_n, _ = self._epsilon_from_vp(blocks, eps, cast(weights), cast(alpha_bar), cast(ell), cast(c))
+        return eps_n.reshape(vp_input.shape)
 
     def _vp_model_input(self, state: torch.Tensor, weights: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """``sqrt(alpha_bar) * (w . z)`` for states `(batch, n * C, ...)`; coefficients `(1 or batch, ...)`."""
