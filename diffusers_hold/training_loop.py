@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from . import hub
 from .image_data import ImageTrainingDataset, collate_examples, load_image_dataset, prepare_training_dataset
 from .mitigations import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState, per_sample_mse
 from .training_utils import (
@@ -39,7 +40,7 @@ from .training_utils import (
     signal_to_noise,
 )
 
-__all__ = ["load_training_data", "make_accelerator", "sampling_model", "train"]
+__all__ = ["finish_training", "load_training_data", "make_accelerator", "sampling_model", "train"]
 
 logger = get_logger(__name__)
 
@@ -284,3 +285,33 @@ def train(
     accelerator.wait_for_everyone()
     check_replicas_agree(accelerator, model)
     return model
+
+
+def finish_training(
+    args: argparse.Namespace, accelerator, make_final_pipeline: Callable[[], object], base_model: str | None = None
+) -> None:
+    """Save the final pipeline to ``--output_dir`` (and publish it with ``--push_to_hub``), then end the run.
+
+    The pipeline is built and saved on the main process only; every process waits for it before
+    ``end_training`` tears the process group down (a process that left early would strand the others).
+
+    Args:
+        args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        make_final_pipeline (`Callable`): builds the pipeline to save (called on the main process).
+        base_model (`str`, *optional*): what the model was fine-tuned from, for the Hub model card.
+    """
+    if accelerator.is_main_process:
+        pipeline = make_final_pipeline()
+        pipeline.save_pretrained(args.output_dir)
+        if args.push_to_hub:
+            folder = hub.save_for_hub(
+                pipeline,
+                Path(args.output_dir) / "hub",
+                base_model=base_model,
+                repo_id=args.hub_model_id,
+                overwrite=True,
+            )
+            hub.push_to_hub(folder, args.hub_model_id, token=args.hub_token)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -31,9 +31,9 @@ from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel, hub
+from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel
 from diffusers_hold.image_data import check_resolution
-from diffusers_hold.training_loop import load_training_data, make_accelerator, sampling_model, train
+from diffusers_hold.training_loop import finish_training, load_training_data, make_accelerator, sampling_model, train
 from diffusers_hold.training_utils import add_training_arguments
 
 logger = get_logger(__name__)
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
         validation_kwargs={"prompt": args.validation_prompts},
         project_name="train_text_to_image_hold",
     )
-    if accelerator.is_main_process:
+
+    def final_pipeline() -> StableDiffusionPipeline:
         # the saved pipeline keeps full-precision weights, whatever --mixed_precision trained with
         vae.to(dtype=torch.float32)
         text_encoder.to(dtype=torch.float32)
@@ -152,16 +153,9 @@ def main(argv: list[str] | None = None) -> Path:
             trained = copy.deepcopy(trained)  # the saved pipeline gets the adapters fused into plain weights
             trained.fuse_lora()
             trained.unload_lora()
-        pipeline = build_pipeline(trained.to(torch.float32))
-        pipeline.save_pretrained(output_dir)
-        if args.push_to_hub:
-            hub_folder = hub.save_for_hub(
-                pipeline, output_dir / "hub", base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id
-            )
-            hub.push_to_hub(hub_folder, args.hub_model_id, token=args.hub_token)
-    # every process waits for the main one to finish saving before the process group is torn down
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        return build_pipeline(trained.to(torch.float32))
+
+    finish_training(args, accelerator, final_pipeline, base_model=args.pretrained_model_name_or_path)
     return output_dir
 
 

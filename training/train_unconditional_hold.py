@@ -25,10 +25,10 @@ from accelerate.logging import get_logger
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DModel, hub
+from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DModel
 from diffusers_hold.image_data import check_resolution
 from diffusers_hold.schedulers.scheduling_hold import PROCESS_KEYS
-from diffusers_hold.training_loop import load_training_data, make_accelerator, sampling_model, train
+from diffusers_hold.training_loop import finish_training, load_training_data, make_accelerator, sampling_model, train
 from diffusers_hold.training_utils import add_training_arguments
 
 logger = get_logger(__name__)
@@ -112,15 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
         validation_kwargs={"batch_size": args.num_validation_images},
         project_name="train_unconditional_hold",
     )
-    if accelerator.is_main_process:
-        pipeline = build_pipeline(sampling_model(accelerator, unet, ema), noise_scheduler)
-        pipeline.save_pretrained(output_dir)
-        if args.push_to_hub:
-            hub_folder = hub.save_for_hub(pipeline, output_dir / "hub", repo_id=args.hub_model_id, overwrite=True)
-            hub.push_to_hub(hub_folder, args.hub_model_id, token=args.hub_token)
-    # every process waits for the main one to finish saving before the process group is torn down
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(args, accelerator, lambda: build_pipeline(sampling_model(accelerator, unet, ema), noise_scheduler))
     return output_dir
 
 
