@@ -12,10 +12,12 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["tiny_clip_tokenizer", "tiny_stable_diffusion_pipeline"]
+from .models import HOLDUNet2DModel
+
+__all__ = ["tiny_clip_tokenizer", "tiny_stable_diffusion_pipeline", "tiny_unet_2d"]
 
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 
@@ -40,6 +42,33 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         pad_token="<|endoftext|>",
         model_max_length=model_max_length,
     )
+
+
+def tiny_unet_2d(
+    in_channels: int, out_channels: int, sample_size: int = 8, hold_order: int | None = None, seed: int = 0
+) -> UNet2DModel:
+    """A two-level ``UNet2DModel`` with widths 8 and 16 (about 30k random weights), or a ``HOLDUNet2DModel`` of that
+    architecture with ``hold_order``.
+
+    Args:
+        in_channels (`int`), out_channels (`int`): the channels (for a HOLD UNet, ``in_channels`` is the data's).
+        sample_size (`int`, defaults to 8): image side, a multiple of 2.
+        hold_order (`int`, *optional*): build a ``HOLDUNet2DModel`` of this order.
+        seed (`int`, defaults to 0): seed of the random weights (the global RNG is left as it was).
+    """
+    config = {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DModel(**config) if hold_order is None else HOLDUNet2DModel(**config, hold_order=hold_order)
 
 
 def tiny_stable_diffusion_pipeline(

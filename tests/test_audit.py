@@ -6,28 +6,17 @@ import sys
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler, hub
 from diffusers_hold.audit import audit_pipeline, generate_images, load_image_folder
 from diffusers_hold.data import load_digits_images, write_digits_imagefolder
-from diffusers_hold.testing import tiny_stable_diffusion_pipeline
+from diffusers_hold.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 
 def unconditional_pipeline():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet_2d(in_channels=3, out_channels=1, sample_size=16)
     return HOLDPipeline(unet=unet, scheduler=HOLDScheduler(order=3))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline
 from diffusers.pipelines.pipeline_loading_utils import (
     _get_custom_components_and_folders,
     _get_ignore_patterns,
@@ -25,9 +25,9 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from huggingface_hub.file_download import repo_folder_name
 
-from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DConditionModel, HOLDUNet2DModel
+from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DConditionModel
 from diffusers_hold.hub import create_model_card, push_to_hub, save_for_hub, validate_hub_folder
-from diffusers_hold.testing import tiny_stable_diffusion_pipeline
+from diffusers_hold.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 REPO_ID = "user/hold-repo"
 COMMIT = hashlib.sha1(b"a commit of the test repo").hexdigest()
@@ -69,16 +69,7 @@ def offline_hub(monkeypatch):
 
 def tiny_hold_pipeline() -> HOLDPipeline:
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3 * 1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet_2d(in_channels=3 * 1, out_channels=1)
     pipe = HOLDPipeline(unet=unet, scheduler=HOLDScheduler(order=3, T=6.0, solver="sscs"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -275,17 +266,7 @@ def test_hub_layout_of_stable_diffusion_shims_only_the_hold_components(sd_pipeli
 
 def test_hub_layout_of_a_hold_pipeline_with_a_hold_unet_shims_all_three_classes(tmp_path):
     torch.manual_seed(0)
-    unet = HOLDUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        hold_order=2,
-    )
+    unet = tiny_unet_2d(in_channels=1, out_channels=1, hold_order=2)
     folder = save_for_hub(HOLDPipeline(unet=unet, scheduler=HOLDScheduler(order=2)), tmp_path / "hub")
 
     model_index = json.loads((folder / "model_index.json").read_text())

@@ -8,23 +8,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler
+from diffusers_hold.testing import tiny_unet_2d
 
 
 def tiny_pipeline(order=3, channels=1, solver="euler_maruyama", seed=0):
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=order * channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet_2d(in_channels=order * channels, out_channels=channels, seed=seed)
     pipe = HOLDPipeline(unet=unet, scheduler=HOLDScheduler(order=order, solver=solver))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DConditionModel, HOLDUNet2DModel
-from diffusers_hold.testing import tiny_stable_diffusion_pipeline
+from diffusers_hold.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
@@ -71,18 +71,7 @@ def test_hold_unet_reads_the_state_and_round_trips_through_safetensors(tmp_path)
 
 
 def test_unconditional_hold_unet():
-    torch.manual_seed(0)
-    unet = HOLDUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        hold_order=2,
-    )
+    unet = tiny_unet_2d(in_channels=1, out_channels=1, hold_order=2)
     assert isinstance(unet, UNet2DModel) and unet.conv_in.in_channels == 2
     sample, t, _ = hold_inputs(HOLDScheduler(order=2), channels=1)
     assert unet(sample, t).sample.shape == (2, 1, 8, 8)
@@ -103,16 +92,7 @@ def test_a_fresh_hold_unet_is_a_stock_unet_of_the_state_width():
 
 def test_unconditional_conversion_in_hold_pipeline_matches_zero_shot():
     torch.manual_seed(0)
-    stock = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    stock = tiny_unet_2d(in_channels=3, out_channels=3)
     ddpm = DDPMScheduler()
 
     def sample(pipe):

@@ -9,10 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from gaussian_reference import GaussianData
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler
+from diffusers_hold.testing import tiny_unet_2d
 
 MEAN, VAR = 0.3, 0.2
 
@@ -98,17 +99,7 @@ def test_zero_shot_sampling_reproduces_the_data_law():
 
 
 def test_hold_pipeline_samples_a_stock_unet_zero_shot():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet_2d(in_channels=3, out_channels=3)
     scheduler = HOLDScheduler.from_config(DDPMScheduler().config, order=2, prediction_type="vp_epsilon")
     pipe = HOLDPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -121,14 +112,6 @@ def test_hold_pipeline_samples_a_stock_unet_zero_shot():
     assert 0 <= min(t for _, t in seen) and max(t for _, t in seen) <= 999
     with pytest.raises(ValueError, match="reads 6 channels and predicts 3"):
         HOLDPipeline(
-            unet=UNet2DModel(
-                sample_size=8,
-                in_channels=6,
-                out_channels=3,
-                norm_num_groups=4,
-                block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D"),
-            ),
+            unet=tiny_unet_2d(in_channels=6, out_channels=3),
             scheduler=scheduler,
         )(num_inference_steps=3)
