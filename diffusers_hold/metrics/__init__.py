@@ -4,10 +4,14 @@ Memorization: the nearest-neighbour ratio ("1/3 rule", :func:`nn_ratio_memorizat
 (:func:`calibrated_l2`), both on a chunked exact nearest-neighbour search (:func:`nearest_neighbours`). Quality:
 Fréchet distance and k-NN precision / recall in a feature space, by default a PCA fit on held-out real images
 (:func:`quality_report`). Text-conditional extraction: the tiled L2 distance and the clique audit of Carlini et al.
-(:func:`tiled_l2`, :func:`clique_audit`, :func:`calibrate_clique_threshold`). Nothing here downloads weights. See
+(:func:`tiled_l2`, :func:`clique_audit`, :func:`calibrate_clique_threshold`). Effective model memorization, the
+largest training set a recipe still memorizes (:func:`effective_model_memorization`). Trajectory diagnostics: Kim et
+al.'s latent decomposition against the schedule's weights (:class:`TrajectoryRecorder`, :func:`decompose_trajectory`,
+:func:`reference_weights`) and Wen et al.'s CFG gap (:class:`CFGGapMonitor`). Nothing here downloads weights. See
 ``shared/design/MEMORIZATION.md``, "Metrics".
 """
 
+from .emm import EMMPoint, EMMResult, effective_model_memorization
 from .neighbours import (
     CalibratedL2Report,
     MemorizationReport,
@@ -25,10 +29,21 @@ from .quality import (
     quality_report,
 )
 from .tiled import CliqueAudit, calibrate_clique_threshold, clique_audit, tiled_l2
+from .trajectory import (
+    CFGGapMonitor,
+    Trajectory,
+    TrajectoryDecomposition,
+    TrajectoryRecorder,
+    decompose_trajectory,
+    reference_weights,
+)
 
 __all__ = [
+    "CFGGapMonitor",
     "CalibratedL2Report",
     "CliqueAudit",
+    "EMMPoint",
+    "EMMResult",
     "MemorizationReport",
     "PCAFeatures",
     "PrecisionRecall",
@@ -36,11 +51,17 @@ __all__ = [
     "calibrate_clique_threshold",
     "calibrated_l2",
     "clique_audit",
+    "decompose_trajectory",
+    "effective_model_memorization",
     "frechet_distance",
     "frechet_distance_from_features",
     "nearest_neighbours",
     "nn_ratio_memorization",
     "precision_recall",
     "quality_report",
+    "reference_weights",
     "tiled_l2",
+    "Trajectory",
+    "TrajectoryDecomposition",
+    "TrajectoryRecorder",
 ]

@@ -102,7 +102,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     state yourself instead (as :class:`~diffusers_hold.HOLDPipeline` does); no hidden state is used then.
 
     **Attributes.** ``order`` is diffusers' solver order (one model call per step, always 1);
-    the HOLD order is ``config.order`` (also :attr:`hold_order`).
+    the HOLD order is ``config.order`` (also :attr:`hold_order`). After :meth:`set_timesteps`, ``trajectory_times``
+    (float64, one more than the steps) holds the continuous time of the sample before the first step and after each
+    step, which trajectory diagnostics compare against (:func:`diffusers_hold.metrics.reference_weights`).
 
     Args:
         order (`int`, defaults to 3): number of HOLD blocks ``n >= 1`` (position, velocity, acceleration, ...).
@@ -193,6 +195,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._x0_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
         self._vp_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eval_times: torch.Tensor | None = None
+        # continuous time of the sample before the first step and after each step (float64, length steps + 1)
+        self.trajectory_times: torch.Tensor | None = None
         self._begin_index: int | None = None
         self._step_index: int | None = None
         # auxiliary blocks of the state when samples are position blocks (stock pipelines), see the class docstring
@@ -307,6 +311,11 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             eval_times = 0.5 * (start + end)
             free = 0.5 * h + 0.5 * torch.cat([h[1:], h.new_zeros(1)])
             steps = dyn.sscs_step(eval_times, h, free)
+        # after a step the sample is at the next grid time; SSCS leaves it at the next midpoint (its first half flow
+        # is skipped, so it starts at grid[0]), and the denoising step takes it to t = 0
+        ends = torch.cat([eval_times[1:], grid[-1:]]) if cfg.solver == "sscs" else end
+        sample_times = [grid[:1], ends] + ([grid.new_zeros(1)] if cfg.denoise_final else [])
+        self.trajectory_times = torch.cat(sample_times)
         if cfg.denoise_final:
             final = dyn.denoise_step(grid[-1:])
             eval_times = torch.cat([eval_times, grid[-1:]])
