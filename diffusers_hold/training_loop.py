@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .image_data import ImageTrainingDataset, collate_examples, load_image_dataset, prepare_training_dataset
-from .mitigations import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState, per_sample_mse
+from .mitigations import (
+    AntiGradientControl,
+    CallbackList,
+    TimestepSamplingCallback,
+    TrainingCallback,
+    TrainingState,
+    per_sample_mse,
+)
 from .training_utils import (
     CheckpointManager,
     NoiseGenerator,
@@ -139,9 +146,10 @@ def train(
     """Train ``model`` to ``args.max_train_steps`` (resuming when asked) and return the prepared model.
 
     One optimizer update: ``on_batch`` callbacks, ``encode(batch, generator)`` -> clean input and forward
-    arguments, timesteps from the callbacks (a seeded sampler from ``--timestep_sampling`` comes first), noise from a
-    per-process generator, ``model(noisy, timesteps, **forward_kwargs)``, per-sample MSE, min-SNR weights
-    (``--snr_gamma``), ``on_loss`` callbacks (which apply importance weights), backward, clipping, optimizer and
+    arguments, ``on_conditioning`` callbacks, timesteps from the callbacks (a seeded sampler from
+    ``--timestep_sampling`` comes first), noise from a per-process generator, ``model(noisy, timesteps,
+    **forward_kwargs)``, per-sample MSE, min-SNR weights (``--snr_gamma``), ``on_loss`` callbacks (which apply
+    importance weights), backward, clipping, optimizer and
     learning-rate steps; then EMA, ``on_step_end``, logging, checkpoints and validation grids.
 
     Args:
@@ -157,7 +165,8 @@ def train(
         trainable_parameters (`Iterable[Parameter]`, *optional*): what the optimizer updates (default: all of the
             model's parameters that require gradients, e.g. the LoRA weights alone).
         ema (`EMAModel`, *optional*): EMA of the trainable parameters.
-        callbacks (`Iterable[TrainingCallback]`, *optional*): mitigations, after the timestep sampler.
+        callbacks (`Iterable[TrainingCallback]`, *optional*): mitigations, after the timestep sampler and the
+            ``--anti_gradient_control`` filter.
         validation_kwargs (`dict`, *optional*): pipeline arguments for the validation grids.
         project_name (`str`, defaults to `"diffusers_hold"`): the trackers' project name.
     """
@@ -185,7 +194,17 @@ def train(
         model, optimizer, train_dataloader, lr_scheduler
     )
     sampler = TimestepSamplingCallback(build_timestep_sampler(args, noise_scheduler), seed=args.seed)
-    callbacks = CallbackList([sampler, *callbacks])
+    filters = []
+    if args.anti_gradient_control:
+        filters.append(
+            AntiGradientControl(
+                noise_scheduler.config.num_train_timesteps,
+                mem_ratio=args.agc_mem_ratio,
+                decay=args.agc_decay,
+                num_bins=args.agc_num_bins,
+            )
+        )
+    callbacks = CallbackList([sampler, *filters, *callbacks])
     accelerator.register_for_checkpointing(callbacks)
     if ema is not None:
         ema.to(accelerator.device)
@@ -237,11 +256,14 @@ def train(
             with accelerator.accumulate(model):
                 batch = callbacks.on_batch(batch, state)
                 clean, forward_kwargs = encode(batch, noise_generator.generator)
+                forward_kwargs = callbacks.on_conditioning(forward_kwargs, state)
                 timesteps, _ = callbacks.sample_timesteps(len(clean), state)
                 model_input, target = noisy_input_and_target(
                     noise_scheduler, clean, timesteps, noise_generator.generator
                 )
-                per_sample_loss = per_sample_mse(model(model_input, timesteps, **forward_kwargs).sample, target)
+                model_output = model(model_input, timesteps, **forward_kwargs).sample
+                state.set_forward(model_input, forward_kwargs, model_output)
+                per_sample_loss = per_sample_mse(model_output, target)
                 if args.snr_gamma is not None:
                     snr = signal_to_noise(noise_scheduler, timesteps)
                     per_sample_loss = per_sample_loss * min_snr_loss_weights(snr, args.snr_gamma, prediction_type)
@@ -283,7 +305,7 @@ def train(
         logger.info(f"throughput: {rate:.2f} images/s over updates {timed_from + 1}-{global_step}")
         accelerator.log({"train_images_per_second": rate}, step=global_step)
     accelerator.wait_for_everyone()
-    check_replicas_agree(accelerator, model)
+    check_replicas_agree(accelerator, model, callbacks)
     return model
 
 

@@ -282,6 +282,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     timesteps.add_argument("--logit_normal_mean", type=float, default=0.0)
     timesteps.add_argument("--logit_normal_std", type=float, default=1.0)
 
+    filters = parser.add_argument_group("loss filters (diffusers_hold.mitigations)")
+    filters.add_argument(
+        "--anti_gradient_control",
+        action="store_true",
+        help="Drop samples whose loss is below the per-timestep loss EMA / --agc_mem_ratio (IET-AGC).",
+    )
+    filters.add_argument("--agc_mem_ratio", type=float, default=2.0)
+    filters.add_argument("--agc_decay", type=float, default=0.8)
+    filters.add_argument(
+        "--agc_num_bins", type=int, default=None, help="Bins of the loss bank (default: num_train_timesteps)."
+    )
+
     output = parser.add_argument_group("checkpoints, validation, logging")
     output.add_argument("--checkpointing_steps", type=int, default=500)
     output.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -351,22 +363,48 @@ def save_validation_grid(accelerator, pipeline, args: argparse.Namespace, step: 
     return path
 
 
-def check_replicas_agree(accelerator, model: torch.nn.Module) -> None:
-    """Raise unless every process holds the same weights (data-parallel replicas must never drift apart).
+def _fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Float64 sum and sum of squares over a list of tensors."""
+    values = [t.detach().double().flatten() for t in tensors] or [torch.zeros(1, dtype=torch.float64)]
+    return torch.stack([sum(v.sum() for v in values), sum(v.square().sum() for v in values)])
 
-    Compares a float64 fingerprint of the parameters (their sum and sum of squares) across processes; logs it.
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor in a nested ``state_dict`` (dicts, lists, tuples)."""
+    if torch.is_tensor(state):
+        return [state.cpu()]
+    if isinstance(state, dict):
+        return [t for value in state.values() for t in _state_tensors(value)]
+    if isinstance(state, (list, tuple)):
+        return [t for value in state for t in _state_tensors(value)]
+    return []
+
+
+def check_replicas_agree(accelerator, model: torch.nn.Module, callbacks=None) -> None:
+    """Raise unless every process holds the same weights and callback state (replicas must never drift apart).
+
+    Compares float64 fingerprints (sum and sum of squares) of the parameters and of the tensors in
+    ``callbacks.state_dict()`` (loss banks, generator states) across processes; logs them. The main process's
+    callback state is what checkpoints store, so it must be every process's.
 
     Args:
         accelerator (`accelerate.Accelerator`): the run's accelerator.
         model (`torch.nn.Module`): the (prepared) model.
+        callbacks (`CallbackList`, *optional*): the run's callbacks.
     """
-    parameters = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
-    fingerprint = torch.stack([sum(p.sum() for p in parameters), sum(p.square().sum() for p in parameters)])
+    parameters = list(accelerator.unwrap_model(model).parameters())
+    states = [] if callbacks is None else _state_tensors(callbacks.state_dict())
+    fingerprint = torch.cat([_fingerprint(parameters), _fingerprint(states)])
     everyone = accelerator.gather(fingerprint.to(accelerator.device)[None]).cpu()
-    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+    if not torch.equal(everyone[:, :2], everyone[:1, :2].expand(len(everyone), 2)):
         raise RuntimeError(f"The {accelerator.num_processes} processes hold different weights: {everyone.tolist()}.")
+    if not torch.equal(everyone[:, 2:], everyone[:1, 2:].expand(len(everyone), 2)):
+        raise RuntimeError(
+            f"The {accelerator.num_processes} processes hold different callback states: {everyone.tolist()}."
+        )
     logger.info(
-        f"weights agree across {accelerator.num_processes} processes (fingerprint {everyone[0].tolist()})",
+        f"weights agree across {accelerator.num_processes} processes (fingerprint {everyone[0, :2].tolist()}); "
+        f"callback states agree (fingerprint {everyone[0, 2:].tolist()})",
         main_process_only=True,
     )
 

@@ -108,10 +108,15 @@ def test_ddpm_baseline_and_resume(sd_folder, captioned_images, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_lora_on_two_processes(sd_folder, captioned_images, tmp_path):
+def test_lora_with_caption_mitigations_on_two_processes(sd_folder, captioned_images, tmp_path):
     out = tmp_path / "ddp"
-    log = train([*common(sd_folder, captioned_images, out, steps=2), "--use_lora"], num_processes=2, port=29611)
+    mitigations = ["--caption_randomization", "random_caption", "word_repetition", "--caption_randomization_p", "0.5",
+                   "--text_embedding_noise", "0.1", "--cfg_gap_filter", "1000", "--anti_gradient_control"]  # fmt: skip
+    log = train(
+        [*common(sd_folder, captioned_images, out, steps=2), "--use_lora", *mitigations], num_processes=2, port=29611
+    )
     assert "weights agree across 2 processes" in log
+    assert "callback states agree" in log  # caption and noise generators, AGC bank
     assert isinstance(diffusers_hold.HOLDScheduler.from_pretrained(out / "scheduler"), HOLDScheduler)
 
 

@@ -66,6 +66,7 @@ def test_ddpm_baseline_from_the_same_script(digits, tmp_path):
 def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(digits, tmp_path):
     common = [*SMALL, "--train_data_dir", digits, "--max_train_steps", "24", "--checkpointing_steps", "3"]
     common += ["--use_ema", "--random_flip", "--lr_scheduler", "cosine", "--report_to", "none"]
+    common += ["--anti_gradient_control", "--agc_num_bins", "10"]  # its loss bank must resume exactly too
     run([*common, "--output_dir", tmp_path / "straight"])
 
     interrupted = tmp_path / "interrupted"
@@ -88,13 +89,15 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(digits, t
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
 
 
-def test_two_processes_train_and_agree_on_the_weights(digits, tmp_path):
+def test_two_processes_train_and_agree_on_the_weights_and_the_agc_bank(digits, tmp_path):
     out = tmp_path / "ddp"
     log = run(
-        [*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "4", "--report_to", "none"],
+        [*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "4", "--report_to", "none",
+         "--anti_gradient_control"],
         num_processes=2,
-    )
+    )  # fmt: skip
     assert "weights agree across 2 processes" in log
+    assert "callback states agree" in log  # the AGC bank is shared through gathered losses
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 

@@ -15,7 +15,9 @@ input convolution, whose weights for the auxiliary blocks start at zero) instead
 The output folder holds a pipeline that loads with ``DiffusionPipeline.from_pretrained`` after ``import
 diffusers_hold`` (with LoRA, the adapters fused into the UNet), and with LoRA also ``pytorch_lora_weights.safetensors``
 (load it with ``pipe.load_lora_weights`` onto the converted base). Checkpoints, exact resume, EMA, min-SNR, timestep
-sampling, validation grids and tracker logging are those of ``diffusers_hold.training_loop``.
+sampling, anti-gradient control, validation grids and tracker logging are those of ``diffusers_hold.training_loop``;
+``--caption_randomization``, ``--text_embedding_noise`` and ``--cfg_gap_filter`` add the caption mitigations of
+``diffusers_hold.mitigations``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel
 from diffusers_hold.image_data import check_resolution
+from diffusers_hold.mitigations import (
+    CAPTION_RANDOMIZATIONS,
+    CaptionRandomization,
+    CFGGapFilter,
+    TextEmbeddingNoise,
+    TrainingCallback,
+)
 from diffusers_hold.training_loop import finish_training, load_training_data, make_accelerator, sampling_model, train
 from diffusers_hold.training_utils import add_training_arguments
 
@@ -50,6 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--validation_prompts", nargs="+", default=None)
     text.add_argument("--use_lora", action="store_true", help="Train peft LoRA adapters instead of the whole UNet.")
     text.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    captions = parser.add_argument_group("caption mitigations (diffusers_hold.mitigations)")
+    captions.add_argument(
+        "--caption_randomization",
+        nargs="+",
+        choices=CAPTION_RANDOMIZATIONS,
+        default=None,
+        help="Perturb captions with probability --caption_randomization_p (one of the given modes per sample).",
+    )
+    captions.add_argument("--caption_randomization_p", type=float, default=0.1)
+    captions.add_argument(
+        "--text_embedding_noise", type=float, default=None, help="Add this scale times N(0, I) to text embeddings."
+    )
+    captions.add_argument("--text_embedding_noise_p", type=float, default=1.0)
+    captions.add_argument(
+        "--cfg_gap_filter",
+        type=float,
+        default=None,
+        help="Drop samples whose |eps(caption) - eps(empty)| exceeds this (Wen et al.; one extra forward per step).",
+    )
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("Pass --train_data_dir or --dataset_name.")
@@ -82,6 +110,27 @@ def build_models(args: argparse.Namespace, pipe: StableDiffusionPipeline):
     return unet, noise_scheduler
 
 
+def tokenizer_words(tokenizer) -> list[str]:
+    """The tokenizer's whole-word, alphabetic tokens: the vocabulary of random caption tokens."""
+    return sorted({token[:-4] for token in tokenizer.get_vocab() if token.endswith("</w>") and token[:-4].isalpha()})
+
+
+def caption_callbacks(args: argparse.Namespace, tokenizer, encode_text) -> list[TrainingCallback]:
+    """The caption mitigations the flags ask for, in the order their hooks run."""
+    callbacks: list[TrainingCallback] = []
+    if args.caption_randomization:
+        callbacks.append(
+            CaptionRandomization(
+                tokenizer_words(tokenizer), args.caption_randomization, p=args.caption_randomization_p, seed=args.seed
+            )
+        )
+    if args.text_embedding_noise is not None:
+        callbacks.append(TextEmbeddingNoise(args.text_embedding_noise, p=args.text_embedding_noise_p, seed=args.seed))
+    if args.cfg_gap_filter is not None:
+        callbacks.append(CFGGapFilter({"encoder_hidden_states": encode_text([""])}, threshold=args.cfg_gap_filter))
+    return callbacks
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -108,19 +157,22 @@ def main(argv: list[str] | None = None) -> Path:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    def encode(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def encode_text(captions: list[str]) -> torch.Tensor:
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
             ids = tokenizer(
-                batch["captions"],
+                captions,
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            text_states = text_encoder(ids.to(accelerator.device))[0]
-        return latents.float(), {"encoder_hidden_states": text_states.float()}
+            return text_encoder(ids.to(accelerator.device))[0].float()
+
+    def encode(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        return latents.float(), {"encoder_hidden_states": encode_text(batch["captions"])}
 
     def build_pipeline(model) -> StableDiffusionPipeline:
         scheduler = noise_scheduler if isinstance(noise_scheduler, HOLDScheduler) else pipe.scheduler
@@ -138,6 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
         build_pipeline=build_pipeline,
         ema=ema,
         validation_kwargs={"prompt": args.validation_prompts},
+        callbacks=caption_callbacks(args, tokenizer, encode_text),
         project_name="train_text_to_image_hold",
     )
 

@@ -17,27 +17,30 @@ training loop calls. The order of one training step, for any model and scheduler
         for batch in train_dataloader:
             with accelerator.accumulate(unet):
                 batch = callbacks.on_batch(batch, state)                               # 1. edit the batch
-                clean = encode(batch)  # e.g. VAE latents; captions -> encoder_hidden_states
-                timesteps, weights = callbacks.sample_timesteps(len(clean), state)  # 2. uniform if none supplies
+                clean, forward_kwargs = encode(batch)  # e.g. VAE latents, {"encoder_hidden_states": ...}
+                forward_kwargs = callbacks.on_conditioning(forward_kwargs, state)      # 2. edit the conditioning
+                timesteps, weights = callbacks.sample_timesteps(len(clean), state)  # 3. uniform if none supplies
                 noise = torch.randn_like(clean)  # HOLD: order * C channels, target = get_target(noise)
                 noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                model_output = unet(noisy, timesteps, ...).sample                     # 3. forward
-                per_sample_loss = per_sample_mse(model_output, noise)                 # 4. shape (batch,)
-                loss = callbacks.on_loss(per_sample_loss, state)                      # 5. weighted scalar
-                accelerator.backward(loss)                                            # 6. backward, step
+                model_output = unet(noisy, timesteps, **forward_kwargs).sample         # 4. forward
+                state.set_forward(noisy, forward_kwargs, model_output)  # for loss filters that re-run the model
+                per_sample_loss = per_sample_mse(model_output, noise)                 # 5. shape (batch,)
+                loss = callbacks.on_loss(per_sample_loss, state)                      # 6. weighted scalar
+                accelerator.backward(loss)                                            # 7. backward, step
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 state.global_step += 1
-                callbacks.on_step_end(state)                                          # 7. once per update
+                callbacks.on_step_end(state)                                          # 8. once per update
                 progress_bar.set_postfix(loss=loss.item(), **state.logs)
                 accelerator.log(state.logs, step=state.global_step)
                 state.logs.clear()
                 # then checkpointing: accelerator.save_state(...) stores the callbacks' state_dict
 
 ``state.timesteps`` and ``state.timestep_weights`` hold the current micro-batch's draw for the hooks that run after
-it (``on_loss``, e.g. a per-timestep loss filter).
+it (``on_loss``, e.g. a per-timestep loss filter); ``state.model_input``, ``state.forward_kwargs`` and
+``state.model_output`` (detached) hold the forward pass, for filters that compare it with another one.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class TrainingState:
         timesteps (`torch.Tensor`, *optional*): the current micro-batch's timesteps, set by
             :meth:`CallbackList.sample_timesteps`.
         timestep_weights (`torch.Tensor`, *optional*): their per-sample loss weights, set with them.
+        model_input (`torch.Tensor`, *optional*), forward_kwargs (`dict`, *optional*), model_output (`torch.Tensor`,
+            *optional*): the current micro-batch's noisy input, the extra forward arguments and the (detached)
+            prediction, set by the loop with :meth:`set_forward` before ``on_loss``.
     """
 
     noise_scheduler: Any
@@ -80,6 +86,13 @@ class TrainingState:
     logs: dict[str, Any] = field(default_factory=dict)
     timesteps: torch.Tensor | None = None
     timestep_weights: torch.Tensor | None = None
+    model_input: torch.Tensor | None = None
+    forward_kwargs: dict[str, Any] | None = None
+    model_output: torch.Tensor | None = None
+
+    def set_forward(self, model_input: torch.Tensor, forward_kwargs: dict[str, Any], model_output: torch.Tensor):
+        """Record the micro-batch's forward pass for the ``on_loss`` hooks (the output is stored detached)."""
+        self.model_input, self.forward_kwargs, self.model_output = model_input, forward_kwargs, model_output.detach()
 
     @property
     def device(self) -> torch.device:
@@ -94,9 +107,9 @@ class TrainingCallback:
     """Base class of training-time mitigations: every hook is a no-op until overridden.
 
     The hooks, in the order a step calls them (see the module docstring): :meth:`on_batch`,
-    :meth:`sample_timesteps`, :meth:`on_loss`, :meth:`on_step_end`. A callback with state that must survive a resumed
-    run stores it in :meth:`state_dict` (plain Python values and CPU tensors) and restores it in
-    :meth:`load_state_dict`; these two methods make a callback checkpointable by
+    :meth:`on_conditioning`, :meth:`sample_timesteps`, :meth:`on_loss`, :meth:`on_step_end`. A callback with state
+    that must survive a resumed run stores it in :meth:`state_dict` (plain Python values and CPU tensors) and
+    restores it in :meth:`load_state_dict`; these two methods make a callback checkpointable by
     ``accelerate.Accelerator.register_for_checkpointing``.
     """
 
@@ -113,6 +126,15 @@ class TrainingCallback:
             state (`TrainingState`): the loop's state.
         """
         return batch
+
+    def on_conditioning(self, forward_kwargs: dict, state: TrainingState) -> dict:
+        """Edit the model's extra forward arguments after encoding (e.g. ``encoder_hidden_states``); return them.
+
+        Args:
+            forward_kwargs (`dict`): keyword arguments of the model's forward besides the input and the timesteps.
+            state (`TrainingState`): the loop's state.
+        """
+        return forward_kwargs
 
     def sample_timesteps(self, batch_size: int, state: TrainingState) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Supply the training timesteps and their per-sample loss weights, or `None` to leave them to others.
@@ -160,7 +182,7 @@ class CallbackList:
 
     Rules:
 
-    - :meth:`on_batch`: each callback edits the batch the previous one returned, in list order.
+    - :meth:`on_batch` and :meth:`on_conditioning`: each callback edits what the previous one returned, in list order.
     - :meth:`sample_timesteps`: at most one callback may implement ``sample_timesteps`` (checked here, so a
       conflicting set-up fails before training); without one, timesteps are uniform
       (:class:`~diffusers_hold.mitigations.UniformTimestepSampler` on the global RNG, as diffusers' scripts draw
@@ -200,6 +222,17 @@ class CallbackList:
             if not isinstance(batch, Mapping):
                 raise TypeError(f"{callback.name}.on_batch must return the batch dict, got {type(batch).__name__}.")
         return batch
+
+    def on_conditioning(self, forward_kwargs: dict, state: TrainingState) -> dict:
+        """The forward arguments after every callback's :meth:`TrainingCallback.on_conditioning`, in order."""
+        for callback in self.callbacks:
+            forward_kwargs = callback.on_conditioning(forward_kwargs, state)
+            if not isinstance(forward_kwargs, Mapping):
+                raise TypeError(
+                    f"{callback.name}.on_conditioning must return the forward arguments dict, got "
+                    f"{type(forward_kwargs).__name__}."
+                )
+        return forward_kwargs
 
     def sample_timesteps(self, batch_size: int, state: TrainingState) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps and per-sample weights from the supplying callback, else uniform with weights 1.
