@@ -3,9 +3,13 @@
     diffusers-hold audit --pipeline outputs/t2i-hold --train_data_dir data/train --held_out_dir data/held_out \\
         --num_samples 256 --output_dir outputs/audit
 
-``audit`` loads a saved pipeline (HOLD or stock; ``import diffusers_hold`` is done here), loads the training and
-held-out images at the size and channels the pipeline generates, generates (prompts: ``--prompt``, else the training
-captions in turn) and writes the report files of :func:`diffusers_hold.audit.audit_pipeline`.
+    diffusers-hold bench --output_dir outputs/bench [--quick]
+
+``bench`` runs the memorization benchmark of :mod:`diffusers_hold.bench` (the DDPM baseline, HOLD orders and
+mitigations trained side by side on bundled data). ``audit`` loads a saved pipeline (HOLD or stock; ``import
+diffusers_hold`` is done here), loads the training and held-out images at the size and channels the pipeline
+generates, generates (prompts: ``--prompt``, else the training captions in turn) and writes the report files of
+:func:`diffusers_hold.audit.audit_pipeline`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import inspect
 import sys
 
 import torch
+
+from .bench import build_parser as build_bench_parser
+from .bench import config_from_args, run_bench
 
 __all__ = ["main"]
 
@@ -84,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--output_dir", required=True)
     audit.set_defaults(run=_audit)
+    bench = commands.add_parser("bench", help="Train and measure the baseline, HOLD orders and mitigations.")
+    build_bench_parser(bench)
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> None:
+    run_bench(config_from_args(args), args.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,98 @@
+"""The memorization benchmark: a short side-by-side run writes its files, resumes exactly, and rejects bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_parser, config_from_args, evaluate, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"train_size": 16, "held_out_size": 64, "num_samples": 16, "block_out_channels": (8, 16), "hold_steps": 20}
+
+
+def test_a_short_run_trains_every_method_and_writes_the_report(tmp_path):
+    config = BenchConfig(methods=["ddpm", "hold2", "agc", "snr_interval"], train_steps=12, num_evaluations=2, **TINY)
+    results = run_bench(config, tmp_path, progress=False)
+    assert [r["method"] for r in results] == ["ddpm", "hold2", "agc", "snr_interval"]
+    for r in results:
+        assert [point["step"] for point in r["curve"]] == [6, 12]
+        assert 0 <= r["memorized_ci"][0] <= r["memorized"] <= r["memorized_ci"][1] <= 1
+        assert r["train_seconds"] > 0 and r["frechet_distance"] > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(results)) and saved["config"]["train_steps"] == 12
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in ("ddpm", "hold2", "agc", "snr_interval"))
+    for figure in ("samples_vs_nearest.png", "memorization_vs_order.png", "memorization_vs_steps.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+    # a second call finds every method done and reports the same numbers without training
+    again = run_bench(config, tmp_path, progress=False)
+    assert [r["memorized"] for r in again] == [r["memorized"] for r in results]
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(BenchConfig(methods=["ddpm"], train_steps=13, num_evaluations=2, **TINY), tmp_path, progress=False)
+
+
+def test_evaluate_scores_copies_as_memorized_and_draws_from_elsewhere_as_not():
+    config = BenchConfig(**TINY)
+    gen = torch.Generator().manual_seed(0)
+    train, held_out = torch.rand(16, 1, 8, 8, generator=gen), torch.rand(64, 1, 8, 8, generator=gen)
+    copies = train[torch.arange(32) % 16] + 0.001 * torch.randn(32, 1, 8, 8, generator=gen)
+    scores = evaluate(copies, train, held_out, config)
+    assert scores["memorized"] == 1.0 and scores["distinct_copied"] == 16 and scores["memorized_ci"] == [1.0, 1.0]
+    fresh = evaluate(torch.rand(32, 1, 8, 8, generator=gen), train, held_out, config)
+    assert fresh["memorized"] == 0.0 and fresh["held_out_memorized"] == 0.0
+
+
+def bench_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "diffusers_hold.bench", "--methods", "ddpm", "--train_size", "16",
+            "--held_out_size", "64", "--num_samples", "16", "--train_steps", "120", "--num_evaluations", "2",
+            "--output_dir", str(out)]  # fmt: skip
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(bench_command(tmp_path / "straight"), env=env, check=True, capture_output=True, timeout=600)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        bench_command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (interrupted / "state" / "ddpm.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first evaluation"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "results.json").exists()
+    assert torch.load(interrupted / "state" / "ddpm.pt", weights_only=False)["step"] == 60
+    subprocess.run(bench_command(interrupted), env=env, check=True, capture_output=True, timeout=600)
+    straight = torch.load(tmp_path / "straight" / "state" / "ddpm.pt", weights_only=False)
+    resumed = torch.load(interrupted / "state" / "ddpm.pt", weights_only=False)
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
+    assert [p["memorized"] for p in resumed["curve"]] == [p["memorized"] for p in straight["curve"]]
+
+
+def test_bad_settings_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown methods"):
+        BenchConfig(methods=["nope"])
+    with pytest.raises(ValueError, match="train_size"):
+        BenchConfig(train_size=1)
+    with pytest.raises(ValueError, match="num_evaluations"):
+        BenchConfig(train_steps=3, num_evaluations=5)
+    with pytest.raises(ValueError, match="leaves no held-out"):
+        run_bench(BenchConfig(data="lfw", train_size=99, **{k: v for k, v in TINY.items() if k != "train_size"}),
+                  tmp_path / "lfw", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="image folder"):
+        run_bench(BenchConfig(data=str(tmp_path / "missing")), tmp_path / "x", progress=False)
+    args = build_parser().parse_args(["--quick", "--hold_orders", "4"])
+    config = config_from_args(args)
+    assert config.train_steps <= 600 and "hold4" in config.methods
+    with pytest.raises(ValueError, match="hold_orders"):
+        config_from_args(build_parser().parse_args(["--hold_orders", "7"]))
+    assert set(config.methods) <= set(BENCH_METHODS)
