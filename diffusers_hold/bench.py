@@ -494,7 +494,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num_samples", type=int, default=defaults.num_samples)
     parser.add_argument("--num_evaluations", type=int, default=defaults.num_evaluations)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--quick", action="store_true", help="A short run (fewer steps and samples).")
+    parser.add_argument(
+        "--quick", action="store_true", help="A short run: 16 images, 500 updates, 128 samples, one evaluation."
+    )
     return parser
 
 
@@ -520,8 +522,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "seed": args.seed,
     }
     if args.quick:
-        settings.update(train_steps=min(args.train_steps, 600), num_samples=min(args.num_samples, 128))
-        settings.update(num_evaluations=min(args.num_evaluations, 2))
+        # 16 images memorize within a few hundred updates; one evaluation, fewer samples and HOLD steps
+        settings.update(train_size=min(args.train_size, 16), train_steps=min(args.train_steps, 500))
+        settings.update(num_samples=min(args.num_samples, 128), num_evaluations=1, hold_steps=100)
     return BenchConfig(**settings)
 
 
