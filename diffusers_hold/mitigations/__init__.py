@@ -11,11 +11,14 @@ Callbacks (:mod:`.callbacks`): :class:`TrainingCallback` hooks (``on_batch``, ``
 
 Loss filters (:mod:`.loss_filters`): anti-gradient control (:class:`AntiGradientControl`) and Wen et al.'s CFG-gap
 filter (:class:`CFGGapFilter`). Caption perturbations (:mod:`.captions`): :class:`CaptionRandomization` and
-:class:`TextEmbeddingNoise`. See ``shared/design/MEMORIZATION.md``, "Training-time mitigations".
+:class:`TextEmbeddingNoise`. Inference-time guidance schedules (:mod:`.guidance`):
+:func:`delayed_guidance`, :func:`opposite_guidance`, :class:`GuidanceSchedule`. See
+``shared/design/MEMORIZATION.md``, "Training-time mitigations" and "Inference-time mitigations".
 """
 
 from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState, per_sample_mse
 from .captions import CAPTION_RANDOMIZATIONS, CaptionRandomization, TextEmbeddingNoise, randomize_caption
+from .guidance import GuidanceSchedule, delayed_guidance, opposite_guidance
 from .loss_filters import AntiGradientControl, CFGGapFilter, mean_over_kept
 from .timestep_sampling import (
     TIMESTEP_SAMPLERS,
@@ -34,6 +37,7 @@ __all__ = [
     "CFGGapFilter",
     "CallbackList",
     "CaptionRandomization",
+    "GuidanceSchedule",
     "LogitNormalTimestepSampler",
     "SNRIntervalTimestepSampler",
     "TimestepAxis",
@@ -43,8 +47,10 @@ __all__ = [
     "TrainingCallback",
     "TrainingState",
     "UniformTimestepSampler",
+    "delayed_guidance",
     "get_timestep_sampler",
     "mean_over_kept",
+    "opposite_guidance",
     "per_sample_mse",
     "randomize_caption",
 ]
