@@ -30,6 +30,8 @@ from .image_data import ImageTrainingDataset, collate_examples, load_image_datas
 from .mitigations import (
     AntiGradientControl,
     CallbackList,
+    IterativeEnsembleTraining,
+    ShardedDataset,
     TimestepSamplingCallback,
     TrainingCallback,
     TrainingState,
@@ -102,6 +104,17 @@ def load_training_data(
         )
     if info["skipped"]:
         logger.warning(f"Skipped {info['skipped']} unreadable images: {info['skipped_images']}")
+    if args.ensemble_shards is not None:
+        if args.ensemble_redistribute > 0 and not args.anti_gradient_control:
+            raise ValueError("--ensemble_redistribute moves the samples AGC skips: add --anti_gradient_control.")
+        ensemble = IterativeEnsembleTraining(
+            num_shards=args.ensemble_shards,
+            num_rounds=args.ensemble_rounds,
+            local_epochs=args.ensemble_local_epochs,
+            redistribute_fraction=args.ensemble_redistribute,
+            seed=args.seed,
+        )
+        train_dataset = ensemble.shard_dataset(train_dataset)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -133,7 +146,7 @@ def train(
     *,
     model: torch.nn.Module,
     noise_scheduler,
-    train_dataset: ImageTrainingDataset,
+    train_dataset: ImageTrainingDataset | ShardedDataset,
     train_dataloader: torch.utils.data.DataLoader,
     encode: Callable[[dict, torch.Generator], tuple[torch.Tensor, dict]],
     build_pipeline: Callable[[torch.nn.Module], object],
@@ -151,6 +164,11 @@ def train(
     **forward_kwargs)``, per-sample MSE, min-SNR weights (``--snr_gamma``), ``on_loss`` callbacks (which apply
     importance weights), backward, clipping, optimizer and
     learning-rate steps; then EMA, ``on_step_end``, logging, checkpoints and validation grids.
+
+    With ``--ensemble_shards`` (:func:`load_training_data` then returns a
+    :class:`~diffusers_hold.mitigations.ShardedDataset`), the run is iterative ensemble training: its
+    :class:`~diffusers_hold.mitigations.IterativeEnsembleTraining` callback runs after the loss filters, averages the
+    weights and the EMA, and fixes the number of epochs.
 
     Args:
         args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
@@ -181,6 +199,12 @@ def train(
         eps=args.adam_epsilon,
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    ensemble = train_dataset.ensemble if isinstance(train_dataset, ShardedDataset) else None
+    if ensemble is not None:
+        if args.max_train_steps is not None:
+            raise ValueError("--ensemble_shards fixes the length of the run; drop --max_train_steps.")
+        args.num_train_epochs = ensemble.num_epochs
+        ensemble.ema = ema
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
@@ -204,7 +228,7 @@ def train(
                 num_bins=args.agc_num_bins,
             )
         )
-    callbacks = CallbackList([sampler, *filters, *callbacks])
+    callbacks = CallbackList([sampler, *filters, *([ensemble] if ensemble is not None else []), *callbacks])
     accelerator.register_for_checkpointing(callbacks)
     if ema is not None:
         ema.to(accelerator.device)
@@ -228,7 +252,12 @@ def train(
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(project_name, config={k: str(v) for k, v in vars(args).items()})
     state = TrainingState(
-        noise_scheduler=noise_scheduler, model=model, accelerator=accelerator, global_step=global_step
+        noise_scheduler=noise_scheduler,
+        model=model,
+        accelerator=accelerator,
+        global_step=global_step,
+        optimizer=optimizer,
+        updates_per_epoch=updates_per_epoch,
     )
     logger.info(
         f"{len(train_dataset)} images, {num_epochs} epochs, {args.max_train_steps} updates of "

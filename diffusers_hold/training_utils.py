@@ -294,6 +294,23 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--agc_num_bins", type=int, default=None, help="Bins of the loss bank (default: num_train_timesteps)."
     )
 
+    ensemble = parser.add_argument_group("iterative ensemble training (diffusers_hold.mitigations)")
+    ensemble.add_argument(
+        "--ensemble_shards",
+        type=int,
+        default=None,
+        help="Train K shard models per round and average them by data size (IET); sets the number of epochs.",
+    )
+    ensemble.add_argument("--ensemble_rounds", type=int, default=10)
+    ensemble.add_argument("--ensemble_local_epochs", type=int, default=1, help="Epochs of a shard per round.")
+    ensemble.add_argument(
+        "--ensemble_redistribute",
+        type=float,
+        default=0.0,
+        help="Fraction of each shard's most-skipped samples moved to the next shard between rounds (IET-AGC+; "
+        "needs --anti_gradient_control).",
+    )
+
     output = parser.add_argument_group("checkpoints, validation, logging")
     output.add_argument("--checkpointing_steps", type=int, default=500)
     output.add_argument("--checkpoints_total_limit", type=int, default=None)

@@ -35,6 +35,7 @@ from .trajectory import (
     TrajectoryDecomposition,
     TrajectoryRecorder,
     decompose_trajectory,
+    is_guidance_batch,
     reference_weights,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "calibrated_l2",
     "clique_audit",
     "decompose_trajectory",
+    "is_guidance_batch",
     "effective_model_memorization",
     "frechet_distance",
     "frechet_distance_from_features",

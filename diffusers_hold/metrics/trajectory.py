@@ -27,6 +27,7 @@ __all__ = [
     "TrajectoryDecomposition",
     "TrajectoryRecorder",
     "decompose_trajectory",
+    "is_guidance_batch",
     "reference_weights",
 ]
 
@@ -282,6 +283,17 @@ def _in_final_basis(w_data: torch.Tensor, w_noise: torch.Tensor) -> tuple[torch.
     return w_data / a, w_noise - w_data * b / a
 
 
+def is_guidance_batch(sample: torch.Tensor) -> bool:
+    """Whether a UNet input is a classifier-free-guidance batch: an even batch whose two halves are identical.
+
+    diffusers pipelines run a guided step as one UNet call on ``cat([latents] * 2)`` (the unconditional half first),
+    so the two halves of ``sample`` are equal element by element; an unguided call on distinct latents is not. Shared
+    by :class:`CFGGapMonitor` and the inference-time hooks of :mod:`diffusers_hold.mitigations.guidance`.
+    """
+    half = sample.shape[0] // 2
+    return sample.shape[0] > 0 and sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
+
+
 class CFGGapMonitor:
     """Wen et al.'s classifier-free-guidance gap, recorded by a forward hook on a pipeline's UNet.
 
@@ -316,8 +328,7 @@ class CFGGapMonitor:
     def _record(self, module, args, kwargs, output) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        half = sample.shape[0] // 2
-        if sample.shape[0] % 2 or not torch.equal(sample[:half], sample[half:]):
+        if not is_guidance_batch(sample):
             return
         prediction = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple) else output
         unconditional, conditional = prediction.detach().double().chunk(2)

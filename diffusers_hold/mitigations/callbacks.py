@@ -76,6 +76,10 @@ class TrainingState:
         model_input (`torch.Tensor`, *optional*), forward_kwargs (`dict`, *optional*), model_output (`torch.Tensor`,
             *optional*): the current micro-batch's noisy input, the extra forward arguments and the (detached)
             prediction, set by the loop with :meth:`set_forward` before ``on_loss``.
+        kept (`torch.Tensor`, *optional*): bool mask of the current micro-batch's samples that the loss filters so
+            far kept (`None`: no filter dropped any); reset by :meth:`CallbackList.on_loss`, narrowed by each filter.
+        optimizer (`torch.optim.Optimizer`, *optional*): the loop's optimizer, for callbacks that reset its state.
+        updates_per_epoch (`int`, *optional*): optimizer updates in one epoch of the loop's data.
     """
 
     noise_scheduler: Any
@@ -89,6 +93,9 @@ class TrainingState:
     model_input: torch.Tensor | None = None
     forward_kwargs: dict[str, Any] | None = None
     model_output: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    optimizer: Any | None = None
+    updates_per_epoch: int | None = None
 
     def set_forward(self, model_input: torch.Tensor, forward_kwargs: dict[str, Any], model_output: torch.Tensor):
         """Record the micro-batch's forward pass for the ``on_loss`` hooks (the output is stored detached)."""
@@ -270,6 +277,7 @@ class CallbackList:
         if per_sample_loss.ndim != 1:
             raise ValueError(f"Expected per-sample losses of shape (batch,), got {tuple(per_sample_loss.shape)}.")
         loss = per_sample_loss
+        state.kept = None
         for callback in self.callbacks:
             result = callback.on_loss(loss, state)
             if result.ndim != 0 and result.shape != loss.shape:

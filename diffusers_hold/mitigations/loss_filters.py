@@ -37,14 +37,16 @@ def mean_over_kept(per_sample_loss: torch.Tensor, keep: torch.Tensor) -> torch.T
 
 
 class _KeptFractionLog(TrainingCallback):
-    """Counts kept samples over the micro-batches of an update and logs their fraction under ``log_name``."""
+    """Counts kept samples over the micro-batches of an update and logs their fraction under ``log_name``; narrows
+    ``TrainingState.kept`` to them."""
 
     log_name = "kept"
 
     def __init__(self):
         self._kept = self._seen = 0
 
-    def _count(self, keep: torch.Tensor) -> None:
+    def _count(self, keep: torch.Tensor, state: TrainingState) -> None:
+        state.kept = keep if state.kept is None else state.kept & keep
         self._kept += int(keep.sum())
         self._seen += keep.numel()
 
@@ -121,7 +123,7 @@ class AntiGradientControl(_KeptFractionLog):
         if accelerator is not None and accelerator.num_processes > 1:
             losses, timesteps = accelerator.gather(losses), accelerator.gather(timesteps)
         self.update(losses, timesteps)
-        self._count(keep)
+        self._count(keep, state)
         return mean_over_kept(per_sample_loss, keep)
 
     def state_dict(self) -> dict:
@@ -180,5 +182,5 @@ class CFGGapFilter(_KeptFractionLog):
         if not torch.isfinite(gaps).all():
             raise ValueError("The CFG gap is NaN or infinite: the model's predictions are not finite.")
         keep = (gaps <= self.threshold).to(per_sample_loss.device)
-        self._count(keep)
+        self._count(keep, state)
         return mean_over_kept(per_sample_loss, keep)
