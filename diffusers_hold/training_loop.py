@@ -30,6 +30,7 @@ from .image_data import ImageTrainingDataset, collate_examples, load_image_datas
 from .mitigations import (
     AntiGradientControl,
     CallbackList,
+    HeadPruningCallback,
     IterativeEnsembleTraining,
     ShardedDataset,
     TimestepSamplingCallback,
@@ -168,7 +169,10 @@ def train(
     With ``--ensemble_shards`` (:func:`load_training_data` then returns a
     :class:`~diffusers_hold.mitigations.ShardedDataset`), the run is iterative ensemble training: its
     :class:`~diffusers_hold.mitigations.IterativeEnsembleTraining` callback runs after the loss filters, averages the
-    weights and the EMA, and fixes the number of epochs.
+    weights and the EMA, and fixes the number of epochs. With ``--prune_heads_ratio``, a
+    :class:`~diffusers_hold.mitigations.HeadPruningCallback` prunes the least important attention heads after
+    ``--prune_at_step`` updates (importance on the small-t loss of the first ``--prune_importance_images`` images)
+    and holds them at zero, in the EMA too, for the rest of the run.
 
     Args:
         args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
@@ -228,7 +232,11 @@ def train(
                 num_bins=args.agc_num_bins,
             )
         )
-    callbacks = CallbackList([sampler, *filters, *([ensemble] if ensemble is not None else []), *callbacks])
+    if ensemble is not None:
+        filters.append(ensemble)
+    if args.prune_heads_ratio is not None:
+        filters.append(_head_pruning(args, train_dataset, encode, ema))
+    callbacks = CallbackList([sampler, *filters, *callbacks])
     accelerator.register_for_checkpointing(callbacks)
     if ema is not None:
         ema.to(accelerator.device)
@@ -336,6 +344,26 @@ def train(
     accelerator.wait_for_everyone()
     check_replicas_agree(accelerator, model, callbacks)
     return model
+
+
+def _head_pruning(args: argparse.Namespace, train_dataset, encode: Callable, ema: EMAModel | None):
+    """The ``--prune_heads_ratio`` callback, measuring importance on the first ``--prune_importance_images`` images."""
+    count = min(args.prune_importance_images, len(train_dataset))
+    if count < 1:
+        raise ValueError(f"--prune_importance_images must be positive, got {args.prune_importance_images}.")
+    # a generator of its own: encoding these images must not move the training noise stream (exact resume)
+    clean, forward_kwargs = encode(
+        collate_examples([train_dataset[i] for i in range(count)]), torch.Generator().manual_seed(args.seed)
+    )
+    return HeadPruningCallback(
+        ratio=args.prune_heads_ratio,
+        importance_data=clean.detach(),
+        forward_kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in forward_kwargs.items()},
+        prune_at_step=args.prune_at_step,
+        criterion=args.prune_criterion,
+        seed=args.seed,
+        ema=ema,
+    )
 
 
 def finish_training(

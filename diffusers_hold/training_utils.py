@@ -311,6 +311,25 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "needs --anti_gradient_control).",
     )
 
+    pruning = parser.add_argument_group("attention-head pruning (diffusers_hold.mitigations)")
+    pruning.add_argument(
+        "--prune_heads_ratio",
+        type=float,
+        default=None,
+        help="Prune this fraction of the attention heads (0.2 in Ye et al.) after --prune_at_step updates, then "
+        "fine-tune with them held at zero.",
+    )
+    pruning.add_argument("--prune_at_step", type=int, default=0, help="Updates before pruning (0: at the start).")
+    pruning.add_argument(
+        "--prune_criterion",
+        choices=("masking", "taylor", "random"),
+        default="masking",
+        help="Head importance on the small-t loss: exact masking, first-order Taylor, or random heads (a control).",
+    )
+    pruning.add_argument(
+        "--prune_importance_images", type=int, default=32, help="Training images the importance is measured on."
+    )
+
     output = parser.add_argument_group("checkpoints, validation, logging")
     output.add_argument("--checkpointing_steps", type=int, default=500)
     output.add_argument("--checkpoints_total_limit", type=int, default=None)

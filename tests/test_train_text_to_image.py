@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import diffusers_hold
 from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel
+from diffusers_hold.mitigations import attention_heads, pruned_heads
 from diffusers_hold.testing import tiny_stable_diffusion_pipeline
 
 SCRIPT = ROOT / "training" / "train_text_to_image_hold.py"
@@ -108,6 +109,15 @@ def test_ddpm_baseline_and_resume(sd_folder, captioned_images, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_cross_attention_aware_head_pruning_with_text_states(sd_folder, captioned_images, tmp_path):
+    out = tmp_path / "pruned"
+    train([*common(sd_folder, captioned_images, out, steps=2), "--scheduler", "ddpm", "--prune_heads_ratio", "0.25",
+           "--prune_criterion", "taylor", "--prune_importance_images", "4"])  # fmt: skip
+    unet = DiffusionPipeline.from_pretrained(out).unet
+    # importance was measured with the captions' text states; a quarter of all heads (self and cross) is pruned
+    assert len(pruned_heads(unet)) == round(0.25 * len(attention_heads(unet))) > 0
+
+
 def test_lora_with_caption_mitigations_on_two_processes(sd_folder, captioned_images, tmp_path):
     out = tmp_path / "ddp"
     mitigations = ["--caption_randomization", "random_caption", "word_repetition", "--caption_randomization_p", "0.5",
@@ -134,3 +144,4 @@ def test_bad_input_fails_before_training(sd_folder, captioned_images, tmp_path):
     assert "multiple of 2" in fails(*base, "--resolution", "31")
     assert "--validation_prompts" in fails(*base, "--validation_steps", "1")
     assert "LoRA adapters are trained without EMA" in fails(*base, "--use_lora", "--use_ema")
+    assert "LoRA adapters would add to the pruned heads" in fails(*base, "--use_lora", "--prune_heads_ratio", "0.2")

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate_launch import ROOT, launch_command, run_script
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 import diffusers_hold
 from diffusers_hold.data import write_digits_imagefolder
+from diffusers_hold.mitigations import attention_heads, pruned_heads
 
 SCRIPT = ROOT / "training" / "train_unconditional_hold.py"
 SMALL = ["--resolution", "16", "--num_channels", "1", "--block_out_channels", "8", "16", "--train_batch_size", "8"]
@@ -99,6 +100,23 @@ def test_two_processes_train_and_agree_on_the_weights_and_the_agc_bank(digits, t
     assert "weights agree across 2 processes" in log
     assert "callback states agree" in log  # the AGC bank is shared through gathered losses
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_pruning_flags_prune_after_the_given_step_and_keep_the_heads_zero_in_the_saved_ema_model(digits, tmp_path):
+    out = tmp_path / "pruned"
+    args = [*SMALL, "--train_data_dir", digits, "--output_dir", out, "--max_train_steps", "4", "--report_to", "none"]
+    args += ["--prune_heads_ratio", "0.5", "--prune_at_step", "2", "--use_ema", "--scheduler", "ddpm"]
+    args += ["--checkpointing_steps", "4"]
+    run(args)
+    pipe = DiffusionPipeline.from_pretrained(out)  # the EMA weights
+    heads = attention_heads(pipe.unet)
+    # the default UNet: attention at width 16 with 8-channel heads, in 1 down, 1 mid and 2 up modules
+    assert len(heads) == 8 and len(pruned_heads(pipe.unet)) == 4
+    checkpoint = load_file(out / "checkpoint-4" / "model.safetensors")
+    unet = UNet2DModel.from_config(pipe.unet.config)
+    unet.load_state_dict(checkpoint)  # the trained (non-EMA) weights: the same heads pruned
+    assert pruned_heads(unet) == pruned_heads(pipe.unet)
+    assert not checkpoint["mid_block.attentions.0.to_out.0.weight"].eq(0).all()  # pruned heads only, not modules
 
 
 def test_bad_input_fails_before_training(digits, tmp_path):

@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_steps needs --validation_prompts.")
     if args.use_lora and args.use_ema:
         parser.error("--use_ema applies to full fine-tuning; LoRA adapters are trained without EMA.")
+    if args.use_lora and args.prune_heads_ratio is not None:
+        parser.error("--prune_heads_ratio prunes the UNet's own weights; LoRA adapters would add to the pruned heads.")
     return args
 
 
