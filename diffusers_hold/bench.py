@@ -19,9 +19,12 @@ finished methods are not run again (the configuration must match).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import random
+import string
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,18 +34,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from tqdm.auto import tqdm
 
 from .metrics import nn_ratio_memorization, quality_report
 from .mitigations import (
+    CAPTION_RANDOMIZATIONS,
     AntiGradientControl,
+    AntiMemorizationGuidance,
     CallbackList,
+    CaptionRandomization,
+    CFGGapFilter,
+    HeadPruningCallback,
+    IterativeEnsembleTraining,
     SNRIntervalTimestepSampler,
+    TextEmbeddingNoise,
     TimestepSamplingCallback,
     TrainingCallback,
     TrainingState,
     UniformTimestepSampler,
+    delayed_guidance,
+    opposite_guidance,
     per_sample_mse,
 )
 from .models import HOLDUNet2DModel
@@ -50,7 +62,16 @@ from .pipelines import HOLDPipeline
 from .schedulers import HOLDScheduler
 from .training_utils import noisy_input_and_target
 
-__all__ = ["BENCH_METHODS", "BenchConfig", "BenchMethod", "load_bench_data", "main", "run_bench"]
+__all__ = [
+    "BENCH_METHODS",
+    "BenchConfig",
+    "BenchMethod",
+    "bench_caption",
+    "load_bench_data",
+    "main",
+    "run_bench",
+    "run_from_args",
+]
 
 
 @dataclass(frozen=True)
@@ -61,23 +82,88 @@ class BenchMethod:
         name (`str`): the method's key (``--methods``).
         description (`str`): one line for the table.
         hold_order (`int`, *optional*): train a HOLD model of this order; `None` trains the DDPM baseline.
-        callbacks (`Callable`): ``(noise_scheduler, seed) -> list[TrainingCallback]``, the mitigations.
+        callbacks (`Callable`): ``(noise_scheduler, config, train_images) -> list[TrainingCallback]``, the training
+            mitigations.
+        sampling_guidance (`Callable`, *optional*): ``(unet, scheduler, train_images, config) -> context manager``
+            around sampling, for inference-time mitigations.
+        text_conditional (`bool`, defaults to `False`): train a ``UNet2DConditionModel`` on a unique caption per
+            training image (per-image ids, the set-up in which Gu et al. find memorization) with 10 % of the captions
+            dropped for classifier-free guidance, and sample each training caption with guidance
+            ``config.guidance_scale``.
+        trained_by (`str`, *optional*): an inference-time method trains nothing: it samples the final model of this
+            method (which must come earlier in the run) and is evaluated once, at the end.
     """
 
     name: str
     description: str
     hold_order: int | None = None
-    callbacks: Callable[[Any, int], list[TrainingCallback]] = field(default=lambda scheduler, seed: [], repr=False)
+    callbacks: Callable[[Any, BenchConfig, torch.Tensor], list[TrainingCallback]] = field(
+        default=lambda scheduler, config, train: [], repr=False
+    )
+    sampling_guidance: Callable[[Any, Any, torch.Tensor, BenchConfig], Any] | None = field(default=None, repr=False)
+    text_conditional: bool = False
+    trained_by: str | None = None
 
 
-def _later_steps_sampler(scheduler, seed: int) -> list[TrainingCallback]:
-    # a Gaussian on u = t / T with mean 0.4 and sd 0.2 (MEMORIZATION.md's milder "later steps" setting)
-    sampler = SNRIntervalTimestepSampler(scheduler, c_low=0.4 - 1.96 * 0.2, c_high=0.4 + 1.96 * 0.2, tails="clip")
-    return [TimestepSamplingCallback(sampler, seed=seed)]
+def _gaussian_timesteps(mean: float, sd: float):
+    """A Gaussian on ``u = t / T`` with this mean and sd: the 95 % interval of Vu et al.'s sampler, tails clipped."""
+
+    def callbacks(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+        sampler = SNRIntervalTimestepSampler(scheduler, c_low=mean - 1.96 * sd, c_high=mean + 1.96 * sd, tails="clip")
+        return [TimestepSamplingCallback(sampler, seed=config.seed)]
+
+    return callbacks
 
 
-def _anti_gradient_control(scheduler, seed: int) -> list[TrainingCallback]:
+def _anti_gradient_control(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
     return [AntiGradientControl(scheduler.config.num_train_timesteps, mem_ratio=2.0)]
+
+
+def _ensemble(redistribute: bool):
+    def callbacks(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+        # 4 shards, 5 rounds between evaluations (every evaluation sees a global, averaged model); shorter rounds
+        # keep the shard models close enough for their average to be a good model
+        ensemble = IterativeEnsembleTraining(
+            num_shards=4,
+            num_rounds=5 * config.num_evaluations,
+            redistribute_fraction=0.25 if redistribute else 0.0,
+            seed=config.seed,
+        )
+        ensemble.make_shards(len(train))
+        if not redistribute:
+            return [ensemble]
+        return [AntiGradientControl(scheduler.config.num_train_timesteps, mem_ratio=2.0), ensemble]
+
+    return callbacks
+
+
+def _caption_randomization(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+    vocabulary = sorted({word for i in range(len(train)) for word in bench_caption(i).split()})
+    return [CaptionRandomization(vocabulary, modes=CAPTION_RANDOMIZATIONS, p=0.1, seed=config.seed)]
+
+
+def _cfg_gap_filter(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+    # Wen et al.'s threshold 2 is a norm over SD's 4 x 64 x 64 latent; keep its RMS gap per element, 2 / 128
+    threshold = 2 / math.sqrt(4 * 64 * 64) * math.sqrt(train[0].numel())
+    empty = _TextEncoder.shared(config).encode([""])
+    return [CFGGapFilter({"encoder_hidden_states": empty}, threshold=threshold)]
+
+
+def _head_pruning(criterion: str):
+    def callbacks(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+        # Ye et al.: prune 20 % of the heads of the trained model, then fine-tune; here after 80 % of the updates
+        return [
+            HeadPruningCallback(
+                ratio=0.2,
+                importance_data=train,
+                prune_at_step=round(0.8 * config.train_steps),
+                criterion=criterion,
+                num_draws=8,
+                seed=config.seed,
+            )
+        ]
+
+    return callbacks
 
 
 BENCH_METHODS: dict[str, BenchMethod] = {
@@ -87,13 +173,86 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("hold2", "HOLD order 2", hold_order=2),
         BenchMethod("hold3", "HOLD order 3", hold_order=3),
         BenchMethod("hold4", "HOLD order 4", hold_order=4),
+        # MEMORIZATION.md's three settings: milder and stronger emphasis on later denoising steps, and on earlier ones
         BenchMethod(
-            "snr_interval", "DDPM, timesteps ~ N(0.4, 0.2) on u (later steps)", callbacks=_later_steps_sampler
+            "snr_interval", "DDPM, timesteps ~ N(0.4, 0.2) on u (later steps)", callbacks=_gaussian_timesteps(0.4, 0.2)
+        ),
+        BenchMethod(
+            "snr_later",
+            "DDPM, timesteps ~ N(0.25, 0.125) on u (later)",
+            callbacks=_gaussian_timesteps(0.25, 0.125),
+        ),
+        BenchMethod(
+            "snr_early", "DDPM, timesteps ~ N(0.75, 0.125) on u (earlier)", callbacks=_gaussian_timesteps(0.75, 0.125)
         ),
         BenchMethod("agc", "DDPM + anti-gradient control (mem_ratio 2)", callbacks=_anti_gradient_control),
+        BenchMethod("iet", "DDPM, iterative ensemble training (4 shards)", callbacks=_ensemble(redistribute=False)),
+        BenchMethod(
+            "iet_agc",
+            "DDPM, IET + AGC + redistribution of 25 % per round (IET-AGC+)",
+            callbacks=_ensemble(redistribute=True),
+        ),
+        BenchMethod(
+            "prune", "DDPM, 20 % least important heads pruned at 80 % of training", callbacks=_head_pruning("masking")
+        ),
+        BenchMethod(
+            "prune_random", "DDPM, 20 % random heads pruned at 80 % (control)", callbacks=_head_pruning("random")
+        ),
+        BenchMethod(
+            "amg",
+            "the DDPM baseline sampled with anti-memorization guidance (training-set index)",
+            sampling_guidance=lambda unet, scheduler, train, config: AntiMemorizationGuidance(unet, scheduler, train),
+            trained_by="ddpm",
+        ),
+        BenchMethod("t2i", "text-conditional DDPM, a unique caption per image, CFG", text_conditional=True),
+        BenchMethod(
+            "t2i_caption_random",
+            "t2i + caption randomisation (p 0.1: random caption, token insertion, word replacement, repetition)",
+            callbacks=_caption_randomization,
+            text_conditional=True,
+        ),
+        BenchMethod(
+            "t2i_embedding_noise",
+            "t2i + Gaussian noise on the text embedding (lambda 0.1)",
+            callbacks=lambda scheduler, config, train: [TextEmbeddingNoise(0.1, p=1.0, seed=config.seed)],
+            text_conditional=True,
+        ),
+        BenchMethod(
+            "t2i_cfg_gap_filter",
+            "t2i + Wen et al.'s training filter (RMS CFG gap per element > 2 / 128, as 2 on SD's 4x64x64)",
+            callbacks=_cfg_gap_filter,
+            text_conditional=True,
+        ),
+        BenchMethod(
+            "t2i_delayed_guidance",
+            "the t2i model sampled with delayed guidance (0 until t = 500)",
+            sampling_guidance=lambda unet, scheduler, train, config: delayed_guidance(
+                unet, config.guidance_scale, start_timestep=500, scale=config.guidance_scale
+            ),
+            text_conditional=True,
+            trained_by="t2i",
+        ),
+        BenchMethod(
+            "t2i_opposite_guidance",
+            "the t2i model sampled with opposite guidance (-2 until t = 650)",
+            sampling_guidance=lambda unet, scheduler, train, config: opposite_guidance(
+                unet, config.guidance_scale, start_timestep=650, opposite_scale=-2.0, scale=config.guidance_scale
+            ),
+            text_conditional=True,
+            trained_by="t2i",
+        ),
+        BenchMethod(
+            "t2i_amg",
+            "the t2i model sampled with anti-memorization guidance",
+            sampling_guidance=lambda unet, scheduler, train, config: AntiMemorizationGuidance(
+                unet, scheduler, train, guidance_scale=config.guidance_scale
+            ),
+            text_conditional=True,
+            trained_by="t2i",
+        ),
     )
 }
-DEFAULT_METHODS = ("ddpm", "hold2", "hold3", "snr_interval", "agc")
+DEFAULT_METHODS = ("ddpm", "hold2", "hold3", "snr_interval", "agc", "iet", "prune")
 
 
 @dataclass
@@ -114,6 +273,9 @@ class BenchConfig:
         ddim_steps (`int`, defaults to 50): DDIM steps for DDPM-trained models.
         hold_steps (`int`, defaults to 200): Euler-Maruyama steps (quadratic grid) for HOLD models.
         bootstrap (`int`, defaults to 1000): bootstrap resamples of the memorized fraction.
+        guidance_scale (`float`, defaults to 1.25): classifier-free guidance of the text-conditional methods (the
+            tiny model's samples degrade above about 1.5: at 2 they stop being copies because they stop being
+            digits).
         seed (`int`, defaults to 0): seed of the data split, the weights, the training draws and the samples.
     """
 
@@ -131,12 +293,19 @@ class BenchConfig:
     ddim_steps: int = 50
     hold_steps: int = 200
     bootstrap: int = 1000
+    guidance_scale: float = 1.25
     seed: int = 0
 
     def __post_init__(self):
         unknown = [name for name in self.methods if name not in BENCH_METHODS]
         if unknown or not self.methods:
             raise ValueError(f"Unknown methods {unknown or self.methods}; choose from {', '.join(BENCH_METHODS)}.")
+        for position, name in enumerate(self.methods):
+            base = BENCH_METHODS[name].trained_by
+            if base is not None and base not in self.methods[:position]:
+                raise ValueError(f"{name} samples the model of {base}: put {base} before it in the methods.")
+        if not self.guidance_scale > 1:
+            raise ValueError(f"guidance_scale must be > 1 (classifier-free guidance), got {self.guidance_scale!r}.")
         for name in ("resolution", "train_size", "held_out_size", "train_steps", "batch_size", "num_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -193,6 +362,56 @@ def _lfw_faces(resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.clip(resized, 0, 1) * 2 - 1)[:, None]
 
 
+def bench_caption(index: int) -> str:
+    """The caption of training image ``index`` in the text-conditional methods: a unique id per image, spelled as
+    three random three-letter words (seeded by the index), so that captions differ in every token."""
+    rng = random.Random(index)
+    return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(3)) for _ in range(3))
+
+
+class _TextEncoder:
+    """A frozen CLIP text encoder of random weights (the offline tokenizer of :mod:`diffusers_hold.testing`): real
+    CLIP code and distinct embeddings for distinct captions, which is all a conditioning signal needs here."""
+
+    width, max_length = 32, 16
+    _cache: dict[int, _TextEncoder] = {}
+
+    def __init__(self, seed: int):
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from .testing import tiny_clip_tokenizer
+
+        self.tokenizer = tiny_clip_tokenizer(model_max_length=self.max_length)
+        config = CLIPTextConfig(
+            hidden_size=self.width,
+            intermediate_size=2 * self.width,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(self.tokenizer),
+            max_position_embeddings=self.max_length,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.model = CLIPTextModel(config).eval().requires_grad_(False)
+
+    @classmethod
+    def shared(cls, config: BenchConfig) -> _TextEncoder:
+        """One encoder per seed, so every text-conditional method sees the same conditioning."""
+        if config.seed not in cls._cache:
+            cls._cache[config.seed] = cls(config.seed)
+        return cls._cache[config.seed]
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return self.model(tokens.input_ids)[0]
+
+
 def _build(method: BenchMethod, config: BenchConfig, channels: int):
     """The method's model and training scheduler, with weights from the run's seed."""
     architecture = {
@@ -201,12 +420,22 @@ def _build(method: BenchMethod, config: BenchConfig, channels: int):
         "out_channels": channels,
         "block_out_channels": config.block_out_channels,
         "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D",) * (len(config.block_out_channels) - 1) + ("AttnDownBlock2D",),
-        "up_block_types": ("AttnUpBlock2D",) + ("UpBlock2D",) * (len(config.block_out_channels) - 1),
         "norm_num_groups": 8,
     }
+    depth = len(config.block_out_channels) - 1
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
+        if method.text_conditional:
+            unet = UNet2DConditionModel(
+                **architecture,
+                down_block_types=("DownBlock2D",) * depth + ("CrossAttnDownBlock2D",),
+                up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * depth,
+                cross_attention_dim=_TextEncoder.width,
+                attention_head_dim=8,
+            )
+            return unet, DDPMScheduler(num_train_timesteps=1000)
+        architecture["down_block_types"] = ("DownBlock2D",) * depth + ("AttnDownBlock2D",)
+        architecture["up_block_types"] = ("AttnUpBlock2D",) + ("UpBlock2D",) * depth
         if method.hold_order is None:
             return UNet2DModel(**architecture), DDPMScheduler(num_train_timesteps=1000)
         scheduler = HOLDScheduler(order=method.hold_order, solver="euler_maruyama", timestep_spacing="quadratic")
@@ -214,25 +443,46 @@ def _build(method: BenchMethod, config: BenchConfig, channels: int):
 
 
 @torch.no_grad()
-def _sample(model, scheduler, config: BenchConfig) -> torch.Tensor:
-    """``num_samples`` generations in ``[-1, 1]``, from a generator seeded by the run's seed."""
+def _sample(model, scheduler, config: BenchConfig, method: BenchMethod, train: torch.Tensor) -> torch.Tensor:
+    """``num_samples`` generations in ``[-1, 1]``, from a generator seeded by the run's seed, inside the method's
+    sampling guidance (if any)."""
     model.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
     hold = isinstance(scheduler, HOLDScheduler)
-    if hold:
-        pipe = HOLDPipeline(unet=model, scheduler=scheduler)
-    else:
-        pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        batch_size=config.num_samples,
-        generator=generator,
-        num_inference_steps=config.hold_steps if hold else config.ddim_steps,
-        output_type="pt" if hold else "np",  # HOLDPipeline gives NCHW tensors, DDIMPipeline NHWC arrays in [0, 1]
-    ).images
+    sampler = scheduler if hold else DDIMScheduler.from_config(scheduler.config)
+    guidance = method.sampling_guidance or (lambda *args: contextlib.nullcontext())
+    with guidance(model, sampler, train, config):
+        if method.text_conditional:
+            images = _sample_with_captions(model, sampler, config, len(train), generator)
+        else:
+            pipe = HOLDPipeline(unet=model, scheduler=sampler) if hold else DDIMPipeline(unet=model, scheduler=sampler)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(
+                batch_size=config.num_samples,
+                generator=generator,
+                num_inference_steps=config.hold_steps if hold else config.ddim_steps,
+                output_type="pt" if hold else "np",  # HOLDPipeline gives NCHW tensors, DDIMPipeline NHWC arrays
+            ).images
+            images = (images if hold else torch.from_numpy(images).permute(0, 3, 1, 2)).float() * 2 - 1
     model.train()
-    images = images if hold else torch.from_numpy(images).permute(0, 3, 1, 2)
-    return images.float() * 2 - 1
+    return images
+
+
+def _sample_with_captions(unet, scheduler, config: BenchConfig, train_size: int, generator) -> torch.Tensor:
+    """DDIM with classifier-free guidance over the training captions (sample ``i`` gets caption ``i % n``), called
+    the way diffusers' pipelines call the UNet (one batch, the unconditional half first), so the UNet hooks of
+    :mod:`diffusers_hold.mitigations.guidance` apply unchanged."""
+    encoder = _TextEncoder.shared(config)
+    captions = [bench_caption(i % train_size) for i in range(config.num_samples)]
+    states = torch.cat([encoder.encode([""]).expand(len(captions), -1, -1), encoder.encode(captions)])
+    channels, size = unet.config.in_channels, config.resolution
+    sample = torch.randn(len(captions), channels, size, size, generator=generator)
+    scheduler.set_timesteps(config.ddim_steps)
+    for t in scheduler.timesteps:
+        unconditional, conditional = unet(torch.cat([sample, sample]), t, encoder_hidden_states=states).sample.chunk(2)
+        guided = unconditional + config.guidance_scale * (conditional - unconditional)
+        sample = scheduler.step(guided, t, sample).prev_sample
+    return sample.clamp(-1, 1)
 
 
 def _bootstrap_interval(memorized: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
@@ -288,7 +538,8 @@ def train_and_evaluate(
     Returns the method's result dict and its final generations.
     """
     model, scheduler = _build(method, config, channels=train.shape[1])
-    mitigations = method.callbacks(scheduler, config.seed)
+    mitigations = method.callbacks(scheduler, config, train)
+    ensemble = next((c for c in mitigations if isinstance(c, IterativeEnsembleTraining)), None)
     if all(type(c).sample_timesteps is TrainingCallback.sample_timesteps for c in mitigations):
         # uniform timesteps from a generator that is checkpointed with the run, so that resuming is exact
         mitigations = [TimestepSamplingCallback(UniformTimestepSampler(scheduler), seed=config.seed), *mitigations]
@@ -298,7 +549,15 @@ def train_and_evaluate(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / config.train_steps, 1.0)))
     )
     generator = torch.Generator().manual_seed(config.seed + 2)
-    state = TrainingState(noise_scheduler=scheduler, model=model)
+    state = TrainingState(noise_scheduler=scheduler, model=model, optimizer=optimizer)
+    if ensemble is not None:
+        # the bench draws batches with replacement, so an "epoch" of a shard is its share of the updates
+        state.updates_per_epoch, remainder = divmod(config.train_steps, ensemble.num_epochs)
+        if remainder or not state.updates_per_epoch:
+            raise ValueError(
+                f"{method.name}: train_steps ({config.train_steps}) must be a multiple of the ensemble's "
+                f"{ensemble.num_epochs} phases."
+            )
     path = state_dir / f"{method.name}.pt"
     step, curve, seconds = 0, [], 0.0
     if path.exists():
@@ -316,23 +575,37 @@ def train_and_evaluate(
     for target_step in evaluations:
         start = time.perf_counter()
         while step < target_step:
-            batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
+            pool = torch.from_numpy(ensemble.current_shard) if ensemble is not None else torch.arange(len(train))
+            indices = pool[torch.randint(len(pool), (config.batch_size,), generator=generator)]
             state.global_step = step
-            timesteps, _ = callbacks.sample_timesteps(len(batch), state)
-            model_input, target = noisy_input_and_target(scheduler, batch, timesteps, generator)
-            output = model(model_input, timesteps).sample
-            state.set_forward(model_input, {}, output)
+            batch = {"indices": indices}
+            if method.text_conditional:
+                batch["captions"] = [bench_caption(i) for i in indices.tolist()]
+            batch = callbacks.on_batch(batch, state)
+            forward_kwargs = {}
+            if method.text_conditional:
+                # 10 % empty captions, so that the model also learns the unconditional score CFG needs
+                dropped = (torch.rand(len(indices), generator=generator) < 0.1).tolist()
+                captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
+                states = _TextEncoder.shared(config).encode(captions)
+                forward_kwargs = callbacks.on_conditioning({"encoder_hidden_states": states}, state)
+            clean = train[indices]
+            timesteps, _ = callbacks.sample_timesteps(len(clean), state)
+            model_input, target = noisy_input_and_target(scheduler, clean, timesteps, generator)
+            output = model(model_input, timesteps, **forward_kwargs).sample
+            state.set_forward(model_input, forward_kwargs, output)
             loss = callbacks.on_loss(per_sample_mse(output, target), state)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             decay.step()
             step += 1
+            state.global_step = step  # updates done, as the protocol's on_step_end expects
             callbacks.on_step_end(state)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         seconds += time.perf_counter() - start
-        generated = _sample(model, scheduler, config)
+        generated = _sample(model, scheduler, config, method, train)
         last = evaluate(generated, train, held_out, config)
         curve.append({"step": step, **{k: v for k, v in last.items() if not k.startswith("_")}})
         _atomic_save(
@@ -350,7 +623,7 @@ def train_and_evaluate(
         )
     bar.close()
     if generated is None:  # every evaluation was done before an interruption: sample the saved final model again
-        generated = _sample(model, scheduler, config)
+        generated = _sample(model, scheduler, config, method, train)
         last = evaluate(generated, train, held_out, config)
     final = {k: v for k, v in last.items() if not k.startswith("_")}
     result = {
@@ -363,6 +636,31 @@ def train_and_evaluate(
         "curve": curve,
         "_ratio": last["_ratio"].tolist(),
         "_nearest": last["_nearest"].tolist(),
+    }
+    return result, generated
+
+
+def _sample_trained(
+    method: BenchMethod, train: torch.Tensor, held_out: torch.Tensor, config: BenchConfig, state_dir: Path, done: list
+) -> tuple[dict, torch.Tensor]:
+    """An inference-time method: the final model of ``method.trained_by``, sampled with the method's guidance."""
+    base = next(r for r in done if r["method"] == method.trained_by)
+    model, scheduler = _build(method, config, channels=train.shape[1])
+    saved = torch.load(state_dir / f"{method.trained_by}.pt", weights_only=False)
+    model.load_state_dict(saved["model"])
+    generated = _sample(model, scheduler, config, method, train)
+    scores = evaluate(generated, train, held_out, config)
+    final = {k: v for k, v in scores.items() if not k.startswith("_")}
+    result = {
+        "method": method.name,
+        "description": method.description,
+        "hold_order": method.hold_order,
+        "parameters": base["parameters"],
+        "train_seconds": base["train_seconds"],
+        **final,
+        "curve": [{"step": saved["step"], **final}],
+        "_ratio": scores["_ratio"].tolist(),
+        "_nearest": scores["_nearest"].tolist(),
     }
     return result, generated
 
@@ -459,14 +757,19 @@ def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool
     train, held_out = load_bench_data(config)
     results, generated = [], {}
     for name in tqdm(config.methods, desc="methods", disable=not progress):
+        method = BENCH_METHODS[name]
         done = state_dir / f"{name}.json"
         if done.exists():
             result = json.loads(done.read_text())
-            model, scheduler = _build(BENCH_METHODS[name], config, channels=train.shape[1])
-            model.load_state_dict(torch.load(state_dir / f"{name}.pt", weights_only=False)["model"])
-            samples = _sample(model, scheduler, config)
+            model, scheduler = _build(method, config, channels=train.shape[1])
+            weights = state_dir / f"{method.trained_by or name}.pt"
+            model.load_state_dict(torch.load(weights, weights_only=False)["model"])
+            samples = _sample(model, scheduler, config, method, train)
+        elif method.trained_by is not None:
+            result, samples = _sample_trained(method, train, held_out, config, state_dir, results)
+            _atomic_json(result, done)
         else:
-            result, samples = train_and_evaluate(BENCH_METHODS[name], train, held_out, config, state_dir, progress)
+            result, samples = train_and_evaluate(method, train, held_out, config, state_dir, progress)
             _atomic_json(result, done)
         results.append(result)
         generated[name] = samples
@@ -494,6 +797,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num_samples", type=int, default=defaults.num_samples)
     parser.add_argument("--num_evaluations", type=int, default=defaults.num_evaluations)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale, help="For the t2i methods.")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch threads; the models are tiny, and one thread trains them faster than two on a 2-core CPU.",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="A short run: 16 images, 500 updates, 128 samples, one evaluation."
     )
@@ -519,6 +829,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "train_steps": args.train_steps,
         "num_samples": args.num_samples,
         "num_evaluations": args.num_evaluations,
+        "guidance_scale": args.guidance_scale,
         "seed": args.seed,
     }
     if args.quick:
@@ -528,10 +839,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**settings)
 
 
+def run_from_args(args: argparse.Namespace) -> list[dict]:
+    """Run the benchmark that parsed ``bench`` flags describe (``diffusers-hold bench`` and ``python -m``)."""
+    torch.set_num_threads(args.num_threads)
+    return run_bench(config_from_args(args), args.output_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m diffusers_hold.bench``."""
-    args = build_parser().parse_args(argv)
-    run_bench(config_from_args(args), args.output_dir)
+    run_from_args(build_parser().parse_args(argv))
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from .bench import build_parser as build_bench_parser
-from .bench import config_from_args, run_bench
+from .bench import run_from_args
 
 __all__ = ["main"]
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    run_bench(config_from_args(args), args.output_dir)
+    run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

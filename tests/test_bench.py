@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
 from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_parser, config_from_args, evaluate, run_bench
+from diffusers_hold.mitigations import attention_heads, pruned_heads
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_ARCHITECTURE = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": (8, 16), "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}  # fmt: skip
 TINY = {"train_size": 16, "held_out_size": 64, "num_samples": 16, "block_out_channels": (8, 16), "hold_steps": 20}
 
 
@@ -36,6 +43,46 @@ def test_a_short_run_trains_every_method_and_writes_the_report(tmp_path):
     assert [r["memorized"] for r in again] == [r["memorized"] for r in results]
     with pytest.raises(ValueError, match="other settings"):
         run_bench(BenchConfig(methods=["ddpm"], train_steps=13, num_evaluations=2, **TINY), tmp_path, progress=False)
+
+
+def test_ensemble_pruning_and_guidance_methods_run_side_by_side(tmp_path):
+    methods = ["ddpm", "iet", "iet_agc", "prune", "prune_random", "amg"]
+    config = BenchConfig(methods=methods, train_steps=40, num_evaluations=2, **TINY)
+    results = {r["method"]: r for r in run_bench(config, tmp_path, progress=False)}
+    states = {name: torch.load(tmp_path / "state" / f"{name}.pt", weights_only=False) for name in methods[:-1]}
+    # IET: 5 rounds of four shards per evaluation; the evaluated model is the last round's global average
+    ensemble = states["iet"]["callbacks"]["callbacks"][1]["state"]
+    assert ensemble["round"] == 10 and ensemble["shard"] == 0 and sorted(map(len, ensemble["shards"])) == [4] * 4
+    for key, value in ensemble["global_weights"].items():
+        torch.testing.assert_close(states["iet"]["model"][key], value, rtol=0, atol=0)
+    # pruning: 20 % of the 8 heads (2 per attention module at width 16), chosen after 32 of the 40 updates
+    unet = UNet2DModel(**BENCH_ARCHITECTURE)
+    for name in ("prune", "prune_random"):
+        unet.load_state_dict(states[name]["model"])
+        assert len(pruned_heads(unet)) == round(0.2 * len(attention_heads(unet))) == 2
+    # AMG trains nothing: it samples the baseline's final model once
+    assert not (tmp_path / "state" / "amg.pt").exists() and len(results["amg"]["curve"]) == 1
+    assert results["amg"]["train_seconds"] == results["ddpm"]["train_seconds"]
+    assert all(0 <= r["memorized"] <= 1 for r in results.values())
+    with pytest.raises(ValueError, match="multiple of the ensemble's 40 phases"):
+        run_bench(BenchConfig(methods=["iet"], train_steps=60, num_evaluations=2, **TINY), tmp_path / "odd",
+                  progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="put ddpm before it"):
+        BenchConfig(methods=["amg", "ddpm"])
+
+
+def test_text_conditional_methods_train_on_captions_and_sample_with_guidance_hooks(tmp_path):
+    methods = ["t2i", "t2i_caption_random", "t2i_embedding_noise", "t2i_cfg_gap_filter", "t2i_delayed_guidance",
+               "t2i_opposite_guidance", "t2i_amg"]  # fmt: skip
+    config = BenchConfig(methods=methods, train_steps=8, num_evaluations=1, **TINY)
+    results = {r["method"]: r for r in run_bench(config, tmp_path, progress=False)}
+    state = torch.load(tmp_path / "state" / "t2i.pt", weights_only=False)
+    assert any("attn2.to_k" in key for key in state["model"])  # cross-attention on the caption states
+    # the inference-time methods sample the same model differently; the guidance hooks did change the samples
+    assert results["t2i_delayed_guidance"]["frechet_distance"] != results["t2i"]["frechet_distance"]
+    assert results["t2i_opposite_guidance"]["frechet_distance"] != results["t2i"]["frechet_distance"]
+    with pytest.raises(ValueError, match="guidance_scale must be > 1"):
+        BenchConfig(methods=["t2i"], guidance_scale=1.0)
 
 
 def test_evaluate_scores_copies_as_memorized_and_draws_from_elsewhere_as_not():

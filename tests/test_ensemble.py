@@ -29,12 +29,7 @@ from diffusers_hold.training_utils import noisy_input_and_target
 NUM_EXAMPLES, BATCH, UPDATES_PER_EPOCH = 10, 2, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Examples(torch.utils.data.Dataset):

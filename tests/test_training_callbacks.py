@@ -31,13 +31,7 @@ TINY_UNET = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the models are tiny: extra threads only contend with each other (seconds per step on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_setup(kind: str):
