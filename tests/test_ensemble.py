@@ -184,6 +184,21 @@ def test_global_weights_are_the_data_size_weighted_average_and_every_shard_start
     assert all(n > 0 for i, n in enumerate(optimizer_states) if i % UPDATES_PER_EPOCH)
 
 
+def test_frozen_weights_are_neither_averaged_nor_stored():
+    run = make_run()
+    frozen = run["model"].conv_in.weight
+    frozen.requires_grad_(False)  # as the base weights of a LoRA run
+    with torch.no_grad():
+        frozen.add_(1.0)  # a value no average of trained shard weights would give back
+    expected = frozen.clone()
+    run_updates(run, 3 * UPDATES_PER_EPOCH)  # one round
+    ensemble = run["ensemble"]
+    assert "conv_in.weight" not in ensemble.global_weights and "conv_in.bias" in ensemble.global_weights
+    torch.testing.assert_close(run["model"].conv_in.weight, expected, rtol=0, atol=0)
+    trainable = {name for name, p in run["model"].named_parameters() if p.requires_grad}
+    assert set(ensemble.global_weights) == trainable | {name for name, _ in run["model"].named_buffers()}
+
+
 def test_resume_mid_round_gives_the_weights_of_an_uninterrupted_run():
     straight = make_run()
     run_updates(straight, 9)

@@ -68,6 +68,9 @@ class ShardedDataset(torch.utils.data.Dataset):
 class IterativeEnsembleTraining(TrainingCallback):
     """Iterative ensemble training: ``num_rounds`` rounds of ``num_shards`` shard models averaged by data size.
 
+    Averaged are the model's trainable parameters and its buffers (frozen weights are the same in every shard model),
+    kept as CPU copies: the global weights plus a float64 running sum, three times their size in memory.
+
     The loop trains the phases in order, each for ``local_epochs * state.updates_per_epoch`` optimizer updates (the
     loop sets ``TrainingState.updates_per_epoch``); a run has :attr:`num_epochs` epochs in all. At the end of a phase
     (in :meth:`on_step_end`) the shard's weights (and EMA weights) join a running sum weighted by the shard's size;
@@ -166,8 +169,16 @@ class IterativeEnsembleTraining(TrainingCallback):
     def _model(state: TrainingState) -> torch.nn.Module:
         return state.accelerator.unwrap_model(state.model) if state.accelerator is not None else state.model
 
+    @staticmethod
+    def _trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors training can change: trainable parameters and buffers. Frozen weights (a LoRA run's base
+        model) are the same in every shard model, so averaging them is skipped, and so is their memory."""
+        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        tensors.update(model.named_buffers())
+        return tensors
+
     def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+        return {key: value.detach().to("cpu", copy=True) for key, value in self._trained_tensors(model).items()}
 
     def on_batch(self, batch: dict, state: TrainingState) -> dict:
         if not self.shards:
@@ -276,7 +287,7 @@ class IterativeEnsembleTraining(TrainingCallback):
 
     def _load_global(self, model: torch.nn.Module, state: TrainingState) -> None:
         with torch.no_grad():
-            for key, value in model.state_dict().items():
+            for key, value in self._trained_tensors(model).items():
                 value.copy_(self.global_weights[key])
             if self.ema is not None:
                 for shadow, saved in zip(self.ema.shadow_params, self.global_ema, strict=True):

@@ -385,6 +385,11 @@ def prune_least_important_heads(
     Returns:
         `list[AttentionHead]`: the pruned heads, least important first.
     """
+    return prune_heads(model, _least_important(importance, ratio))
+
+
+def _least_important(importance: Mapping[AttentionHead, float], ratio: float) -> list[AttentionHead]:
+    """The ``round(ratio * len(importance))`` heads of lowest importance, least important first."""
     ratio = _check_ratio(ratio)
     values = {}
     for head, value in importance.items():
@@ -392,9 +397,8 @@ def prune_least_important_heads(
         if math.isnan(value):
             raise ValueError(f"The importance of {head} is NaN.")
         values[head] = value
-    count = round(ratio * len(values))
     ranked = sorted(values, key=values.__getitem__)  # stable: ties in the given order
-    return prune_heads(model, ranked[:count])
+    return ranked[: round(ratio * len(values))]
 
 
 def random_heads(
@@ -539,8 +543,7 @@ class HeadPruningCallback(TrainingCallback):
                     generator=generator,
                     heads=attention_heads(model, self.cross_attention),
                 )
-                ranked = sorted(importance, key=importance.__getitem__)
-                chosen = ranked[: round(self.ratio * len(ranked))]
+                chosen = _least_important(importance, self.ratio)
             if accelerator is not None and accelerator.num_processes > 1:
                 from accelerate.utils import broadcast_object_list
 
