@@ -788,7 +788,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     defaults = BenchConfig()
     parser.add_argument("--output_dir", default="outputs/bench")
     parser.add_argument("--data", default=defaults.data, help='"digits", "lfw" or an image folder.')
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(BENCH_METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=sorted(BENCH_METHODS),
+        metavar="METHOD",
+        help=f"Methods to train side by side (default: {' '.join(DEFAULT_METHODS)}); any of: "
+        + ", ".join(sorted(BENCH_METHODS)),
+    )
     parser.add_argument("--hold_orders", nargs="+", type=int, default=None, help="HOLD orders to add (2..4).")
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--train_size", type=int, default=defaults.train_size)

@@ -125,6 +125,16 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     assert [p["memorized"] for p in resumed["curve"]] == [p["memorized"] for p in straight["curve"]]
 
 
+def test_the_cli_runs_the_bench_with_its_flags(tmp_path):
+    command = [sys.executable, "-m", "diffusers_hold.cli", "bench", "--methods", "ddpm", "--train_size", "8",
+               "--held_out_size", "64", "--num_samples", "8", "--train_steps", "4", "--num_evaluations", "1",
+               "--num_threads", "1", "--output_dir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| ddpm |" in out.stdout and (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["train_steps"] == 4
+
+
 def test_bad_settings_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown methods"):
         BenchConfig(methods=["nope"])
