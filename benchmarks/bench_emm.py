@@ -1,7 +1,7 @@
 """Effective model memorization (Gu et al., ``shared/seeds/004_*``) of the benchmark's recipes, against data size,
 model width and per-image labels.
 
-    python benchmarks/bench_emm.py [--sizes 8 16 32 64] [--epochs 2000]
+    python benchmarks/bench_emm.py [--sizes 8 16 32 64] [--epochs 2000] [--recipes ...] [--output FILE]
 
 **Claims.** Memorization is driven by the training-set size: at a fixed budget in epochs the memorized fraction falls
 as the set grows, and the largest size still memorized >= 90 % (EMM) characterises a recipe; EMM grows with the
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=sorted(RECIPES))
     parser.add_argument("--num_samples", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="The result file.")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the models are tiny: one thread is faster than two here
     start, load = time.perf_counter(), ForeignLoad()
@@ -70,8 +71,9 @@ def main() -> None:
         print(f"{name}: EMM {result.emm}, curve {[(p.size, round(p.fraction_memorized, 3)) for p in result.curve]}")
     env = environment(("torch", "diffusers"))
     env["foreign_cpu_share"] = load.share(env["cpu_count"])
-    results = {"settings": vars(args), "recipes": rows, "environment": env, "wall_time_s": time.perf_counter() - start}
-    finish(results, RESULTS, print_report)
+    settings = {**vars(args), "output": str(args.output)}
+    results = {"settings": settings, "recipes": rows, "environment": env, "wall_time_s": time.perf_counter() - start}
+    finish(results, args.output, print_report)
 
 
 def print_report(results: dict) -> None:
