@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 from harness import ForeignLoad, environment, finish
 
-from diffusers_hold.bench import BenchConfig, load_bench_data, run_bench
+from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_model, load_bench_data, run_bench
 from diffusers_hold.metrics import TrajectoryRecorder, decompose_trajectory, nn_ratio_memorization, reference_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trajectory_separation.json"
@@ -79,16 +79,8 @@ def main() -> None:
     run_bench(config, args.work_dir)
     train, _ = load_bench_data(config)
     state = torch.load(Path(args.work_dir) / "state" / "ddpm.pt", weights_only=False)
-    unet = UNet2DModel(
-        sample_size=config.resolution,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()
+    unet, _ = build_model(BENCH_METHODS["ddpm"], config, channels=train.shape[1])
+    unet.eval()
     unet.load_state_dict(state["model"])
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     final, trajectory = sample_with_trajectories(unet, scheduler, args.num_samples, args.ddim_steps, args.seed + 7)
@@ -126,9 +118,13 @@ def main() -> None:
 def print_report(results: dict) -> None:
     print(f"{results['num_memorized']} of {results['settings']['num_samples']} generations memorized (1/3 rule)")
     print(f"{'score':<20}{'AUC':>8}{'Spearman':>10}{'mean (memorized)':>18}{'mean (novel)':>14}")
+
+    def number(value, width: int, digits: int) -> str:  # a class with no member has no mean (None)
+        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
     for name, row in results["scores"].items():
-        print(f"{name:<20}{row['auc_memorized_vs_novel']:>8.3f}{row['spearman_with_similarity']:>10.3f}"
-              f"{row['mean_memorized']:>18.4f}{row['mean_novel']:>14.4f}")  # fmt: skip
+        auc, rank = number(row["auc_memorized_vs_novel"], 8, 3), number(row["spearman_with_similarity"], 10, 3)
+        print(f"{name:<20}{auc}{rank}{number(row['mean_memorized'], 18, 4)}{number(row['mean_novel'], 14, 4)}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ __all__ = [
     "BenchConfig",
     "BenchMethod",
     "bench_caption",
+    "build_model",
     "load_bench_data",
     "main",
     "run_bench",
@@ -412,8 +413,14 @@ class _TextEncoder:
         return self.model(tokens.input_ids)[0]
 
 
-def _build(method: BenchMethod, config: BenchConfig, channels: int):
-    """The method's model and training scheduler, with weights from the run's seed."""
+def build_model(method: BenchMethod, config: BenchConfig, channels: int):
+    """The method's model and training scheduler (untrained), with weights from the run's seed.
+
+    Args:
+        method (`BenchMethod`): the method (its HOLD order and conditioning choose the architecture).
+        config (`BenchConfig`): the run's settings (resolution, widths, seed).
+        channels (`int`): image channels.
+    """
     architecture = {
         "sample_size": config.resolution,
         "in_channels": channels,
@@ -537,7 +544,7 @@ def train_and_evaluate(
 
     Returns the method's result dict and its final generations.
     """
-    model, scheduler = _build(method, config, channels=train.shape[1])
+    model, scheduler = build_model(method, config, channels=train.shape[1])
     mitigations = method.callbacks(scheduler, config, train)
     ensemble = next((c for c in mitigations if isinstance(c, IterativeEnsembleTraining)), None)
     if all(type(c).sample_timesteps is TrainingCallback.sample_timesteps for c in mitigations):
@@ -645,7 +652,7 @@ def _sample_trained(
 ) -> tuple[dict, torch.Tensor]:
     """An inference-time method: the final model of ``method.trained_by``, sampled with the method's guidance."""
     base = next(r for r in done if r["method"] == method.trained_by)
-    model, scheduler = _build(method, config, channels=train.shape[1])
+    model, scheduler = build_model(method, config, channels=train.shape[1])
     saved = torch.load(state_dir / f"{method.trained_by}.pt", weights_only=False)
     model.load_state_dict(saved["model"])
     generated = _sample(model, scheduler, config, method, train)
@@ -761,7 +768,7 @@ def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool
         done = state_dir / f"{name}.json"
         if done.exists():
             result = json.loads(done.read_text())
-            model, scheduler = _build(method, config, channels=train.shape[1])
+            model, scheduler = build_model(method, config, channels=train.shape[1])
             weights = state_dir / f"{method.trained_by or name}.pt"
             model.load_state_dict(torch.load(weights, weights_only=False)["model"])
             samples = _sample(model, scheduler, config, method, train)

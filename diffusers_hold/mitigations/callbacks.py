@@ -102,6 +102,11 @@ class TrainingState:
         self.model_input, self.forward_kwargs, self.model_output = model_input, forward_kwargs, model_output.detach()
 
     @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The bare model: unwrapped from ``accelerate``'s wrappers (DDP, ...) when there is an accelerator."""
+        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+
+    @property
     def device(self) -> torch.device:
         """The accelerator's device, else the model's (CPU for a model without parameters)."""
         if self.accelerator is not None:

@@ -166,10 +166,6 @@ class IterativeEnsembleTraining(TrainingCallback):
         return self.shards[self.shard]
 
     @staticmethod
-    def _model(state: TrainingState) -> torch.nn.Module:
-        return state.accelerator.unwrap_model(state.model) if state.accelerator is not None else state.model
-
-    @staticmethod
     def _trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The tensors training can change: trainable parameters and buffers. Frozen weights (a LoRA run's base
         model) are the same in every shard model, so averaging them is skipped, and so is their memory."""
@@ -184,7 +180,7 @@ class IterativeEnsembleTraining(TrainingCallback):
         if not self.shards:
             raise ValueError("IterativeEnsembleTraining has no shards: train on ensemble.shard_dataset(dataset).")
         if self.global_weights is None:  # round 0 starts from the model as the run begins
-            self.global_weights = self._snapshot(self._model(state))
+            self.global_weights = self._snapshot(state.unwrapped_model)
             if self.ema is not None:
                 self.global_ema = [p.detach().to("cpu", copy=True) for p in self.ema.shadow_params]
         self._positions = None
@@ -215,7 +211,7 @@ class IterativeEnsembleTraining(TrainingCallback):
                 f"Training ran past the ensemble's {self.num_rounds} rounds: train for ensemble.num_epochs "
                 f"({self.num_epochs}) epochs."
             )
-        model = self._model(state)
+        model = state.unwrapped_model
         self._accumulate(model, len(self.current_shard))
         self.shard += 1
         if self.shard == self.num_shards:

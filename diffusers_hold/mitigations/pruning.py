@@ -508,10 +508,6 @@ class HeadPruningCallback(TrainingCallback):
         """Whether the heads are decided (given, chosen, or restored from a checkpoint)."""
         return self.heads is not None
 
-    @staticmethod
-    def _model(state: TrainingState) -> torch.nn.Module:
-        return state.accelerator.unwrap_model(state.model) if state.accelerator is not None else state.model
-
     def prune_now(self, model: torch.nn.Module, noise_scheduler=None, accelerator=None) -> list[AttentionHead]:
         """Decide the heads if not yet done (measuring importance when ``ratio`` is set), prune them and return them.
 
@@ -574,7 +570,7 @@ class HeadPruningCallback(TrainingCallback):
         """Prune when due (measuring importance first if needed) or re-apply restored heads; the batch is unchanged."""
         due = self.heads is None and state.global_step >= self.prune_at_step
         if due or self._pending:
-            heads = self.prune_now(self._model(state), state.noise_scheduler, state.accelerator)
+            heads = self.prune_now(state.unwrapped_model, state.noise_scheduler, state.accelerator)
             if due:
                 state.logs["pruned_heads"] = len(heads)
         return batch
@@ -582,7 +578,7 @@ class HeadPruningCallback(TrainingCallback):
     def on_step_end(self, state: TrainingState) -> None:
         """Re-zero the pruned heads after the optimizer update."""
         if self.heads is not None:
-            self._apply(self._model(state))
+            self._apply(state.unwrapped_model)
 
     def state_dict(self) -> dict:
         """``{"heads": [[module name, index], ...]}``, or ``{"heads": None}`` before the callback has pruned."""
