@@ -55,12 +55,11 @@ from .mitigations import (
     UniformTimestepSampler,
     delayed_guidance,
     opposite_guidance,
-    per_sample_mse,
 )
 from .models import HOLDUNet2DModel
+from .objective import noisy_input_and_target, per_sample_mse
 from .pipelines import HOLDPipeline
 from .schedulers import HOLDScheduler
-from .training_utils import noisy_input_and_target
 
 __all__ = [
     "BENCH_METHODS",
@@ -694,7 +693,10 @@ def _table(results: list[dict], config: BenchConfig) -> str:
     return "\n".join(lines)
 
 
-def _write_figures(results: list[dict], generated: dict[str, torch.Tensor], train: torch.Tensor, out: Path) -> None:
+def _write_figures(
+    results: list[dict], generated: dict[str, torch.Tensor], train: torch.Tensor, out: Path
+) -> list[str]:
+    """Draw the benchmark's figures into ``out``; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -703,7 +705,7 @@ def _write_figures(results: list[dict], generated: dict[str, torch.Tensor], trai
     from .audit import _to_pil
     from .utils import image_grid
 
-    count = 8
+    written, count = [], 8
     figure, axes = plt.subplots(len(results), 1, figsize=(8, 2.2 * len(results)), squeeze=False)
     for axis, result in zip(axes[:, 0], results, strict=True):
         ratio = torch.tensor(result["_ratio"])
@@ -715,6 +717,7 @@ def _write_figures(results: list[dict], generated: dict[str, torch.Tensor], trai
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(out / "samples_vs_nearest.png", dpi=100)
+    written.append("samples_vs_nearest.png")
     plt.close(figure)
 
     ordered = sorted(
@@ -732,6 +735,7 @@ def _write_figures(results: list[dict], generated: dict[str, torch.Tensor], trai
         axis.set_xticks(orders)
         figure.tight_layout()
         figure.savefig(out / "memorization_vs_order.png", dpi=100)
+        written.append("memorization_vs_order.png")
         plt.close(figure)
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -744,7 +748,9 @@ def _write_figures(results: list[dict], generated: dict[str, torch.Tensor], trai
     left.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "memorization_vs_steps.png", dpi=100)
+    written.append("memorization_vs_steps.png")
     plt.close(figure)
+    return written
 
 
 def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool = True) -> list[dict]:
@@ -784,8 +790,9 @@ def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool
     _atomic_json({"config": settings, "results": public}, out / "results.json")
     table = _table(results, config)
     (out / "results.md").write_text(table + "\n")
-    _write_figures(results, generated, train, out)
+    figures = _write_figures(results, generated, train, out)
     print(table)
+    print(f"\nWrote results.json, results.md and the figures {', '.join(figures)} to {out}/")
     return public
 
 

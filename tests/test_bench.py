@@ -133,6 +133,11 @@ def test_the_cli_runs_the_bench_with_its_flags(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| ddpm |" in out.stdout and (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "config.json").read_text())["train_steps"] == 4
+    # The last line says where the files are and names each figure, which exists there.
+    where = out.stdout.strip().splitlines()[-1]
+    assert where.startswith("Wrote results.json, results.md") and where.endswith(f"{tmp_path}/"), where
+    for figure in ("samples_vs_nearest.png", "memorization_vs_order.png", "memorization_vs_steps.png"):
+        assert figure in where and (tmp_path / figure).exists(), figure
 
 
 def test_bad_settings_raise_clear_errors(tmp_path):
