@@ -36,18 +36,15 @@ from .mitigations import (
     TimestepSamplingCallback,
     TrainingCallback,
     TrainingState,
-    per_sample_mse,
 )
+from .objective import min_snr_loss_weights, noisy_input_and_target, per_sample_mse, signal_to_noise
 from .training_utils import (
     CheckpointManager,
     NoiseGenerator,
     build_timestep_sampler,
     check_replicas_agree,
     check_tracker_available,
-    min_snr_loss_weights,
-    noisy_input_and_target,
     save_validation_grid,
-    signal_to_noise,
 )
 
 __all__ = ["finish_training", "load_training_data", "make_accelerator", "sampling_model", "train"]

@@ -1,9 +1,6 @@
-"""What the training scripts in ``training/`` share, usable from your own loop as well.
+"""The run infrastructure the training scripts in ``training/`` share, usable from your own loop as well (the
+training objective itself is in :mod:`diffusers_hold.objective`).
 
-- :func:`noisy_input_and_target`: the diffusion objective for a :class:`HOLDScheduler` (noise in every block, the
-  last block's noise as target) and for diffusers' DDPM-type schedulers (epsilon or v-prediction), so one loop
-  trains HOLD and its baseline.
-- :func:`signal_to_noise` and :func:`min_snr_loss_weights`: min-SNR-gamma weighting for both kinds of scheduler.
 - :class:`CheckpointManager`: ``accelerator.save_state`` into a hidden temporary folder renamed into place once every
   process has written its part, so ``latest`` never picks a half-written checkpoint; pruning to a total limit.
 - :func:`add_training_arguments`, :func:`build_timestep_sampler`, :func:`save_validation_grid`: the flags, the
@@ -27,7 +24,6 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 
 from .mitigations.timestep_sampling import TimestepSampler, get_timestep_sampler
-from .schedulers.scheduling_hold import HOLDScheduler
 from .utils import image_grid
 
 __all__ = [
@@ -37,72 +33,11 @@ __all__ = [
     "build_timestep_sampler",
     "check_replicas_agree",
     "check_tracker_available",
-    "min_snr_loss_weights",
-    "noisy_input_and_target",
     "save_validation_grid",
-    "signal_to_noise",
 ]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 logger = get_logger(__name__)
-
-
-def noisy_input_and_target(
-    noise_scheduler, clean: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model input and regression target for clean data ``clean`` at ``timesteps``.
-
-    Args:
-        noise_scheduler: a :class:`HOLDScheduler` (input: the whole HOLD state, ``order * C`` channels; target: the
-            last block's noise) or a diffusers DDPM-type scheduler with ``add_noise`` (target: the noise, or the
-            velocity for ``prediction_type="v_prediction"``).
-        clean (`torch.Tensor` of shape `(batch, C, H, W)`): images or latents.
-        timesteps (`torch.Tensor` of shape `(batch,)`): the scheduler's training timesteps.
-        generator (`torch.Generator`, *optional*): source of the noise (on the CPU, moved to ``clean``'s device).
-    """
-    if isinstance(noise_scheduler, HOLDScheduler):
-        shape = (clean.shape[0], noise_scheduler.hold_order * clean.shape[1], *clean.shape[2:])
-        noise = torch.randn(shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
-        return noise_scheduler.add_noise(clean, noise, timesteps), noise_scheduler.get_target(noise)
-    noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noisy, noise
-    if prediction_type == "v_prediction":
-        return noisy, noise_scheduler.get_velocity(clean, noise, timesteps)
-    raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'.")
-
-
-def signal_to_noise(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR at ``timesteps`` (float32, on the timesteps' device): the position block's for HOLD, else VP's."""
-    if isinstance(noise_scheduler, HOLDScheduler):
-        snr = noise_scheduler.snr(timesteps)
-    else:
-        alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)[timesteps.cpu().long()]
-        snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.to(device=timesteps.device, dtype=torch.float32)
-
-
-def min_snr_loss_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for epsilon targets,
-    ``min(SNR, gamma) / (SNR + 1)`` for velocity targets.
-
-    At ``SNR = 0`` (a zero-terminal-SNR schedule) the epsilon weight takes its limit 1 instead of dividing by zero.
-
-    Args:
-        snr (`torch.Tensor`): per-sample SNR (:func:`signal_to_noise`).
-        gamma (`float`): the clamp, e.g. 5.0.
-        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"` or `"v_prediction"`.
-    """
-    if gamma <= 0:
-        raise ValueError(f"snr_gamma must be positive, got {gamma}.")
-    clamped = snr.clamp(max=gamma)
-    if prediction_type == "v_prediction":
-        return clamped / (snr + 1)
-    if prediction_type != "epsilon":
-        raise ValueError(f"Unsupported prediction_type {prediction_type!r} for min-SNR weighting.")
-    return torch.where(snr > 0, clamped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 class NoiseGenerator:

@@ -21,10 +21,9 @@ from diffusers_hold.mitigations import (
     TrainingCallback,
     TrainingState,
     UniformTimestepSampler,
-    per_sample_mse,
 )
+from diffusers_hold.objective import noisy_input_and_target, per_sample_mse
 from diffusers_hold.testing import tiny_unet_2d
-from diffusers_hold.training_utils import noisy_input_and_target
 
 NUM_EXAMPLES, BATCH, UPDATES_PER_EPOCH = 10, 2, 2
 

@@ -15,8 +15,8 @@ from diffusers_hold.mitigations import (
     TrainingCallback,
     TrainingState,
     UniformTimestepSampler,
-    per_sample_mse,
 )
+from diffusers_hold.objective import per_sample_mse
 
 BATCH = 4
 TINY_UNET = {

@@ -21,7 +21,7 @@ Inference-time guidance (:mod:`.guidance`): :func:`delayed_guidance`, :func:`opp
 ``shared/design/MEMORIZATION.md``, "Training-time mitigations" and "Inference-time mitigations".
 """
 
-from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState, per_sample_mse
+from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState
 from .captions import CAPTION_RANDOMIZATIONS, CaptionRandomization, TextEmbeddingNoise, randomize_caption
 from .ensemble import IterativeEnsembleTraining, ShardedDataset
 from .guidance import AMGStep, AntiMemorizationGuidance, GuidanceSchedule, delayed_guidance, opposite_guidance
@@ -84,7 +84,6 @@ __all__ = [
     "masked_value_neurons",
     "mean_over_kept",
     "opposite_guidance",
-    "per_sample_mse",
     "prune_heads",
     "prune_least_important_heads",
     "pruned_heads",

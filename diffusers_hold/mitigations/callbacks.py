@@ -50,11 +50,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .timestep_sampling import TimestepSampler, UniformTimestepSampler
 
-__all__ = ["CallbackList", "TimestepSamplingCallback", "TrainingCallback", "TrainingState", "per_sample_mse"]
+__all__ = ["CallbackList", "TimestepSamplingCallback", "TrainingCallback", "TrainingState"]
 
 
 @dataclass
@@ -276,7 +275,7 @@ class CallbackList:
 
         Args:
             per_sample_loss (`torch.Tensor` of shape `(batch,)`): unweighted per-sample losses (see
-                :func:`per_sample_mse`).
+                :func:`~diffusers_hold.objective.per_sample_mse`).
             state (`TrainingState`): the loop's state, with this micro-batch's ``timestep_weights``.
         """
         if per_sample_loss.ndim != 1:
@@ -361,16 +360,3 @@ class TimestepSamplingCallback(TrainingCallback):
             )
         if self.generator is not None:
             self.generator.set_state(state_dict["generator_state"])
-
-
-def per_sample_mse(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each sample, in float32: the input of :meth:`CallbackList.on_loss`.
-
-    Args:
-        model_output (`torch.Tensor` of shape `(batch, ...)`): the model's prediction.
-        target (`torch.Tensor` of the same shape): the training target (the noise, its last HOLD block, ...).
-    """
-    if model_output.shape != target.shape:
-        raise ValueError(f"Shapes differ: model output {tuple(model_output.shape)}, target {tuple(target.shape)}.")
-    squared_error = F.mse_loss(model_output.float(), target.float(), reduction="none")
-    return squared_error.reshape(len(squared_error), -1).mean(dim=1)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from ..training_utils import noisy_input_and_target
+from ..objective import noisy_input_and_target
 from .callbacks import TrainingCallback, TrainingState
 from .timestep_sampling import TimestepAxis
 
@@ -275,7 +275,7 @@ def head_importance(
     """Importance of each attention head for the small-t denoising loss (Ye et al. 2025).
 
     The loss is the mean squared error of ``model(noisy, timesteps, **forward_kwargs)`` against the target of
-    :func:`~diffusers_hold.training_utils.noisy_input_and_target` (the noise, the velocity, or HOLD's last-block
+    :func:`~diffusers_hold.objective.noisy_input_and_target` (the noise, the velocity, or HOLD's last-block
     noise), averaged over ``num_draws`` draws of noise and timesteps ``u ~ Beta(beta)`` (:func:`sample_small_t`) for
     the whole batch ``clean``. The draws are made once and the SAME noise and timesteps serve every head, so the
     differences between heads are not sampling noise.
