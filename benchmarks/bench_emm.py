@@ -1,5 +1,5 @@
-"""Effective model memorization (Gu et al., ``shared/seeds/004_*``) of the benchmark's recipes, against data size,
-model width and per-image labels.
+"""Effective model memorization (Gu, Du, Pang, Li, Lin and Wang, *On Memorization in Diffusion Models*, 2023) of the
+benchmark's recipes, against data size, model width and per-image labels.
 
     python benchmarks/bench_emm.py [--sizes 8 16 32 64] [--epochs 2000] [--recipes ...] [--output FILE]
 

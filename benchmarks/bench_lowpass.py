@@ -2,7 +2,8 @@
 
     python benchmarks/bench_lowpass.py [--orders 1 2 3 4 5]
 
-**Claim** (``shared/seeds/000_*``, HOLD_MATH section 6). In HOLD the score enters only the last block; eliminating
+**Claim** (*Reducing Diffusion Model Memorization with Higher Order Langevin Dynamics*, 2026;
+``docs/HOLD_MATH.md`` section 6). In HOLD the score enters only the last block; eliminating
 the auxiliaries, the data variable ``q`` is the score passed through an ``n``-pole filter with
 ``|H(i w)| = prod(gamma) / (w^2 + r^2)^(n/2)``. So for one and the same score signal, the higher the order, the less
 high-frequency energy reaches ``q``.

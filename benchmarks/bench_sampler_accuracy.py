@@ -8,8 +8,8 @@ known in law and a reference sample can be drawn directly.
 **Model.** Every sampler gets the same exact model: the closed-form VP epsilon of the mixture under diffusers'
 default DDPM schedule (linear betas, 1000 steps), ``eps(x_t) = -sqrt(1 - abar) * grad log p_t(x_t)`` with
 ``p_t = sum_k pi_k N(sqrt(abar) mu_k, abar C_k + (1 - abar) I)``, in float64. The HOLD solvers use it through
-``HOLDScheduler(prediction_type="vp_epsilon")``, which then gives HOLD's exact score (HOLD_MATH section 4), so every
-difference below is discretisation error (plus Monte Carlo noise).
+``HOLDScheduler(prediction_type="vp_epsilon")``, which then gives HOLD's exact score (``docs/HOLD_MATH.md``
+section 4), so every difference below is discretisation error (plus Monte Carlo noise).
 
 **Solvers.** diffusers' ``DDIMScheduler`` (eta 0), ``DDPMScheduler`` (ancestral), ``DPMSolverMultistepScheduler``
 (2nd order) and ``EulerDiscreteScheduler``; ``HOLDScheduler`` orders 2 and 3 with ``euler_maruyama``, ``sscs`` and

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_trajectory_separation.py [--train_steps 1000]
 
-**Claim** (``shared/seeds/003_*``, MEMORIZATION.md metric 5). Regressing each latent of a sampling trajectory on the
+**Claim** (Kim, Kim and Lee, *How Diffusion Models Memorize*, 2025; ``docs/MEMORIZATION.md``
+metric 5). Regressing each latent of a sampling trajectory on the
 final image and the initial noise, ``x^(k) ~ w0 x_final + wT x_T``, memorized generations show ``w0`` above the
 schedule's own weight in the early steps (the final image "appears" too soon) and ``wT`` collapsing; the paper
 reports correlations of 0.70-0.92 with SSCD similarity.

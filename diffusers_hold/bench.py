@@ -173,7 +173,7 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("hold2", "HOLD order 2", hold_order=2),
         BenchMethod("hold3", "HOLD order 3", hold_order=3),
         BenchMethod("hold4", "HOLD order 4", hold_order=4),
-        # MEMORIZATION.md's three settings: milder and stronger emphasis on later denoising steps, and on earlier ones
+        # the three settings of docs/MEMORIZATION.md: milder and stronger emphasis on later steps, and on earlier ones
         BenchMethod(
             "snr_interval", "DDPM, timesteps ~ N(0.4, 0.2) on u (later steps)", callbacks=_gaussian_timesteps(0.4, 0.2)
         ),

@@ -13,7 +13,7 @@ All matrices are ``n x n`` and act block-wise on the channel axis of a tensor wh
 (the ``kron(F, I_d)`` matrix is never built). Everything here is computed in float64 on the CPU; callers cast the
 final per-sample coefficients to the model's dtype and device. The module imports torch only.
 
-Reference: ``shared/design/HOLD_MATH.md`` (sections 1-5); CLD (Dockhorn et al. 2022) is order 2, VP/OU is order 1.
+Reference: ``docs/HOLD_MATH.md`` (sections 1-5); CLD (Dockhorn et al. 2022) is order 2, VP/OU is order 1.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class HOLDDynamics:
         return ell, c
 
     def sufficient_statistic(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_t, sigma2_t)`` with ``w_t . z_t = x_0 + N(0, sigma2_t)`` per pixel (HOLD_MATH section 4).
+        """``(w_t, sigma2_t)`` with ``w_t . z_t = x_0 + N(0, sigma2_t)`` per pixel (``docs/HOLD_MATH.md`` section 4).
 
         ``w_t = Sigma_t^{-1} a_t / (a_t^T Sigma_t^{-1} a_t)`` (shape ``(..., n)``) and
         ``sigma2_t = 1 / (a_t^T Sigma_t^{-1} a_t)`` (shape ``(...)``). Since ``p(z_t | x_0)`` depends on ``x_0``

@@ -49,8 +49,6 @@ import inspect
 import json
 import os
 import posixpath
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +66,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.constants import REPOCARD_NAME
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+
+from .utils import atomic_output
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -335,22 +335,6 @@ def _refuse_to_overwrite(target: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it.")
 
 
-def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished `staging` folder to `target`, replacing an existing `target` only after it is complete."""
-    _refuse_to_overwrite(target, overwrite)  # again: something may have appeared while the pipeline was saved
-    if not target.exists():
-        staging.rename(target)
-        return
-    replaced = staging.with_name(staging.name + ".replaced")
-    target.rename(replaced)
-    try:
-        staging.rename(target)
-    except OSError:
-        replaced.rename(target)
-        raise
-    shutil.rmtree(replaced)
-
-
 def save_for_hub(
     pipeline: DiffusionPipeline,
     save_directory: str | os.PathLike,
@@ -405,11 +389,8 @@ def save_for_hub(
         repo_id=repo_id,
         memorization_audit=memorization_audit,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # a sibling, so that the final rename stays on one filesystem; hidden, so that a crash leaves no visible debris
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
-    staging.mkdir()
-    try:
+    with atomic_output(target) as staging:
+        staging.mkdir()
         pipeline.save_pretrained(staging, safe_serialization=True)
         model_index_path = staging / MODEL_INDEX_NAME
         hub_index, shims = _hub_layout(type(pipeline), json.loads(model_index_path.read_text(encoding="utf-8")))
@@ -419,10 +400,7 @@ def save_for_hub(
             (staging / relative_path).write_text(source, encoding="utf-8")
         card.save(staging / REPOCARD_NAME)
         validate_hub_folder(staging)
-        _move_into_place(staging, target, overwrite)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        _refuse_to_overwrite(target, overwrite)  # again: something may have appeared while the pipeline was saved
     return target
 
 

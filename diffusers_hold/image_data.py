@@ -32,6 +32,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ._validation import check_positive_int
+
 __all__ = [
     "ImageTrainingDataset",
     "check_resolution",
@@ -210,7 +212,7 @@ def prepare_training_dataset(
     """
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"Expected one split, got a DatasetDict with splits {', '.join(dataset)}; pick one.")
-    _check_positive_int(resolution, "resolution")
+    check_positive_int(resolution, "resolution")
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 3 (RGB) or 1 (grayscale), got {num_channels!r}.")
     if interpolation not in RESAMPLING:
@@ -443,7 +445,7 @@ def check_resolution(resolution: int, *, vae: Any = None, unet: Any = None) -> N
         `ValueError`: when the resolution is not a multiple of the factor; the message states the factor and the
         nearest valid resolutions.
     """
-    _check_positive_int(resolution, "resolution")
+    check_positive_int(resolution, "resolution")
     if vae is not None:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         _check_multiple(
@@ -467,11 +469,6 @@ def check_resolution(resolution: int, *, vae: Any = None, unet: Any = None) -> N
                 resolution,
                 *model_size,
             )
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_multiple(resolution: int, factor: int, what: str) -> None:

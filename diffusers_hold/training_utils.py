@@ -24,7 +24,7 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 
 from .mitigations.timestep_sampling import TimestepSampler, get_timestep_sampler
-from .utils import image_grid
+from .utils import image_grid, replace_path
 
 __all__ = [
     "CheckpointManager",
@@ -138,9 +138,7 @@ class CheckpointManager:
             noise_generator.save(staging)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():  # the same step saved again (e.g. the final step after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            replace_path(staging, final)  # the same step saved again (e.g. the final step after a resume) replaces it
             if self.total_limit is not None:
                 for old in self.checkpoints()[: -self.total_limit]:
                     shutil.rmtree(old)

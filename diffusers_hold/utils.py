@@ -1,12 +1,18 @@
-"""Small helpers for looking at results."""
+"""Small helpers: image grids for looking at results, and atomic writes of files and folders."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["image_grid"]
+__all__ = ["atomic_output", "image_grid", "replace_path"]
 
 
 def image_grid(
@@ -38,3 +44,54 @@ def image_grid(
         r, c = divmod(i, cols)
         grid.paste(img.resize((w, h), Image.NEAREST), (padding + c * (w + padding), padding + r * (h + padding)))
     return grid
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a file or a folder all at once: yield a hidden sibling path to write ``target``'s content to, and move
+    it onto ``target`` (:func:`replace_path`) when the block ends without an error.
+
+    A crash or an error inside the block leaves ``target`` as it was (the partial sibling is removed on errors; after
+    a hard kill it stays hidden, named ``.<name>.<random>.partial``). The sibling is in the same folder, so the final
+    rename stays on one file system.
+
+    Args:
+        target (`str` or `os.PathLike`): the file or folder to write; its parent folder is created.
+
+    Example::
+
+        with atomic_output("state/model.pt") as temporary:
+            torch.save(state, temporary)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
+    try:
+        yield staging
+        replace_path(staging, target)
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging)
+        elif staging.exists():
+            staging.unlink()
+
+
+def replace_path(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished file or folder ``staging`` onto ``target`` by renames, so ``target`` is always either the
+    old content or the new, never a mixture.
+
+    A file, or a folder onto an absent or empty one, is one ``os.replace``. A non-empty folder at ``target`` is first
+    renamed aside, then deleted once ``staging`` is in place (and renamed back if that move fails).
+    """
+    staging, target = Path(staging), Path(target)
+    if not (target.is_dir() and any(target.iterdir())):
+        os.replace(staging, target)
+        return
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.replaced")
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside)

@@ -6,7 +6,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from diffusers_hold.data import load_digits_images
-from diffusers_hold.utils import image_grid
+from diffusers_hold.utils import atomic_output, image_grid, replace_path
 
 
 def test_digits_are_scaled_to_minus_one_one_and_keep_their_labels():
@@ -38,3 +38,34 @@ def test_image_grid_places_cells_with_gaps():
         image_grid([cells[0], Image.new("L", (5, 5))])
     with pytest.raises(ValueError, match="at least one"):
         image_grid([])
+
+
+def test_atomic_output_writes_files_and_folders_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out" / "state.json"
+    with atomic_output(target) as temporary:
+        temporary.write_text("new")
+        assert not target.exists() and temporary.parent == target.parent and temporary.name.startswith(".")
+    assert target.read_text() == "new"
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_output(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+    # a non-empty folder is replaced only once the new one is complete, and nothing is left beside it
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with atomic_output(folder) as staging:
+        staging.mkdir()
+        (staging / "new.txt").write_text("new")
+        assert (folder / "old.txt").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pipeline"]
+
+
+def test_replace_path_restores_the_old_folder_when_the_new_one_cannot_move_in(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "kept.txt").write_text("old")
+    with pytest.raises(OSError):
+        replace_path(tmp_path / "missing", target)
+    assert (target / "kept.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["target"]

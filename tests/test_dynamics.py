@@ -14,7 +14,7 @@ from diffusers_hold.dynamics import HOLDDynamics, critical_damping
 
 ORDERS = [1, 2, 3, 4, 5, 6]
 
-# HOLD_MATH.md, section 1 (r, xi, gammas)
+# docs/HOLD_MATH.md, section 1 (r, xi, gammas)
 PUBLISHED = {
     1: (1.0, 1.0, ()),
     2: (1.0, 2.0, (1.0,)),

@@ -127,7 +127,7 @@ def test_from_unet_equals_the_zero_shot_conversion_of_the_pretrained_unet():
     timesteps = torch.tensor([100.0, 250.5, 500.0])  # one per sample, off any sampling grid
     with torch.no_grad():
         ours = converted(state, timesteps, text).sample
-        # the same map written out from the math (HOLD_MATH section 4), with the stock UNet as the denoiser
+        # the same map written out from the math (docs/HOLD_MATH.md section 4), with the stock UNet as the denoiser
         t = scheduler.timestep_to_time(timesteps)
         weights, variance = scheduler.dynamics.sufficient_statistic(t)
         alpha_bar = 1 / (1 + variance)

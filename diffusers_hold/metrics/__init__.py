@@ -8,7 +8,7 @@ Fréchet distance and k-NN precision / recall in a feature space, by default a P
 largest training set a recipe still memorizes (:func:`effective_model_memorization`). Trajectory diagnostics: Kim et
 al.'s latent decomposition against the schedule's weights (:class:`TrajectoryRecorder`, :func:`decompose_trajectory`,
 :func:`reference_weights`) and Wen et al.'s CFG gap (:class:`CFGGapMonitor`). Nothing here downloads weights. See
-``shared/design/MEMORIZATION.md``, "Metrics".
+``docs/MEMORIZATION.md``, "Metrics".
 """
 
 from .emm import EMMPoint, EMMResult, effective_model_memorization

@@ -1,4 +1,4 @@
-"""Effective model memorization (EMM, Gu et al. 2023, `shared/seeds/004_*`).
+"""Effective model memorization (EMM; Gu, Du, Pang, Li, Lin and Wang, *On Memorization in Diffusion Models*, 2023).
 
 EMM is the largest training-set size ``|D|`` at which a training recipe (architecture, optimiser, a budget of a fixed
 number of epochs for every ``|D|``) still memorizes at least 90 % of its generations under the nearest-neighbour
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .neighbours import _as_batch, _check_finite, nn_ratio_memorization
+from .._validation import as_batch, check_finite, check_positive_int
+from .neighbours import nn_ratio_memorization
 
 __all__ = ["EMMPoint", "EMMResult", "effective_model_memorization"]
 
@@ -124,11 +125,10 @@ def effective_model_memorization(
     Returns:
         [`EMMResult`]: EMM, the bracket around it and the measured curve.
     """
-    pool = _as_batch(data_pool, "data_pool")
-    _check_finite(pool, "data_pool")
+    pool = as_batch(data_pool, "data_pool")
+    check_finite(pool, "data_pool")
     pool_size = pool.shape[0]
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
+    check_positive_int(epochs, "epochs")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
     order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(seed))
@@ -140,7 +140,7 @@ def effective_model_memorization(
             start = time.perf_counter()
             indices = order[:size].clone()
             generated = train_and_sample(indices, epochs)
-            report = nn_ratio_memorization(_as_batch(generated, "generated"), pool[indices], threshold=ratio_threshold)
+            report = nn_ratio_memorization(as_batch(generated, "generated"), pool[indices], threshold=ratio_threshold)
             measured[size] = EMMPoint(
                 size=size,
                 fraction_memorized=report.fraction_memorized,

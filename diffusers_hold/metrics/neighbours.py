@@ -13,7 +13,7 @@ differences ``sum((a - b)^2)``, so the distances returned carry no cancellation 
 decides which neighbours are kept). Peak memory is about ``query_chunk_size * chunk_size`` distances plus a copy of
 one chunk of each set in the working dtype, whatever the set sizes.
 
-Reference: ``shared/design/MEMORIZATION.md``, "Metrics" 1 (the 1/3 rule) and 2 (calibrated L2).
+Reference: ``docs/MEMORIZATION.md``, "Metrics" 1 (the 1/3 rule) and 2 (calibrated L2).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .._validation import as_batch, check_finite, check_k, check_same_shape, is_real_number
+from ._search import DEFAULT_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, knn, prepare_search
 
 __all__ = [
     "CalibratedL2Report",
@@ -34,296 +36,8 @@ __all__ = [
     "nn_ratio_memorization",
 ]
 
-DEFAULT_CHUNK_SIZE = 1024
-DEFAULT_QUERY_CHUNK_SIZE = 1024
-_DTYPES = (torch.float32, torch.float64)
-# elements handled at once by the exact recomputation and by the finiteness check (bounded extra memory)
-_ELEMENT_BUDGET = 1 << 22
-
-
-# ------------------------------------------------------------------------------------------------ validation
-def _as_batch(images: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    """A non-empty batch ``(N, *image_shape)`` of real numbers as a tensor (numpy arrays are wrapped, not copied)."""
-    if isinstance(images, np.ndarray):
-        if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
-            raise ValueError(f"{name} must hold real numbers, got a numpy array of dtype {images.dtype}.")
-        try:
-            images = torch.from_numpy(images)
-        except ValueError:  # negative strides
-            images = torch.from_numpy(np.ascontiguousarray(images))
-    elif not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(images).__name__}.")
-    if images.is_complex() or images.dtype == torch.bool:
-        raise ValueError(f"{name} must hold real numbers, got dtype {images.dtype}.")
-    if images.ndim < 2:
-        raise ValueError(
-            f"{name} must be a batch of shape (N, ...) with one image (or feature vector) per row, "
-            f"got shape {tuple(images.shape)}."
-        )
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(images.shape)}); at least one image is needed.")
-    if images[0].numel() == 0:
-        raise ValueError(f"{name} holds images with no elements (shape {tuple(images.shape)}).")
-    return images
-
-
-def _check_finite(images: torch.Tensor, name: str) -> None:
-    """Raise on NaN or infinite values, naming the first offending row; works chunk by chunk (bounded memory).
-
-    Row norms are a fast screen (NaN and inf propagate into them); only a chunk with a non-finite norm, which may
-    also be a harmless overflow, is checked element by element.
-    """
-    if not images.is_floating_point():
-        return
-    rows = max(1, _ELEMENT_BUDGET // images[0].numel())
-    for start in range(0, images.shape[0], rows):
-        chunk = images[start : start + rows].flatten(1)
-        if bool(torch.isfinite(torch.linalg.vector_norm(chunk, dim=1)).all()):
-            continue
-        ok = torch.isfinite(chunk).all(1)
-        if not bool(ok.all()):
-            first = start + int((~ok).nonzero()[0, 0])
-            raise ValueError(f"{name} contains NaN or infinite values (first in row {first}).")
-
-
-def _check_same_shape(shape_a: tuple[int, ...], name_a: str, shape_b: tuple[int, ...], name_b: str) -> None:
-    """Raise unless two per-image shapes agree, saying when only the channel count differs."""
-    shape_a, shape_b = tuple(shape_a), tuple(shape_b)
-    if shape_a == shape_b:
-        return
-    if len(shape_a) == len(shape_b) >= 3:
-        if shape_a[1:] == shape_b[1:]:  # channels first
-            channels = (shape_a[0], shape_b[0])
-        elif shape_a[:-1] == shape_b[:-1]:  # channels last
-            channels = (shape_a[-1], shape_b[-1])
-        else:
-            channels = None
-        if channels is not None:
-            raise ValueError(
-                f"{name_a} and {name_b} have different channel counts ({channels[0]} vs {channels[1]}; image shapes "
-                f"{shape_a} and {shape_b})."
-            )
-    raise ValueError(
-        f"{name_a} and {name_b} have different image shapes: {shape_a} vs {shape_b}. Samples are compared element "
-        "by element, so both sets must have the same shape after the batch axis."
-    )
-
-
-def _check_k(k: int, available: int, what: str, name: str) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}.")
-    if available < k:
-        raise ValueError(f"{what} needs at least {k} images in {name}, but {name} holds only {available}.")
-
-
-def _is_real_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _resolve_device(device: str | torch.device | None, *tensors: torch.Tensor) -> torch.device:
-    """``device`` if given, else the device of the first non-CPU input, else CUDA when available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    for tensor in tensors:
-        if tensor.device.type != "cpu":
-            return tensor.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}.")
-
-
-def _rows(
-    images: torch.Tensor, start: int, stop: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor
-) -> torch.Tensor:
-    """Rows ``start:stop`` flattened to ``(stop - start, D)`` on ``device`` in ``dtype``, minus ``shift`` (a copy)."""
-    return images[start:stop].reshape(stop - start, -1).to(device=device, dtype=dtype) - shift
-
-
-def _centre(images: torch.Tensor, device: torch.device, dtype: torch.dtype, max_rows: int = 1024) -> torch.Tensor:
-    """Mean of at most ``max_rows`` evenly spaced flattened rows (float64 sum), in ``dtype`` on ``device``.
-
-    Every point is shifted by it before the expansion ``||a||^2 - 2 a.b + ||b||^2``: distances do not change, but the
-    norms, and with them the cancellation error of the expansion, shrink to the spread of the data. Any shift is
-    exact; one near the middle of the data is all that is needed, so a subset suffices.
-    """
-    subset = images[:: max(1, images.shape[0] // max_rows)][:max_rows]
-    m, dim = subset.shape[0], subset[0].numel()
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
-    rows = max(1, _ELEMENT_BUDGET // dim)
-    for start in range(0, m, rows):
-        stop = min(start + rows, m)
-        total += subset[start:stop].reshape(stop - start, dim).to(device=device, dtype=torch.float64).sum(0)
-    return (total / m).to(dtype)
-
-
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of each row, without a temporary the size of ``x``."""
-    return torch.linalg.vector_norm(x, dim=1).square()
-
-
-def _squared_distance_block(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    """``||a_i||^2 - 2 a_i.b_j + ||b_j||^2`` for a block, clamped at 0 (``a_sq`` is ``(n, 1)``, ``b_sq`` ``(m,)``)."""
-    return torch.addmm(b_sq[None, :], a, b.T, beta=1.0, alpha=-2.0).add_(a_sq).clamp_min_(0.0)
-
-
-def _exact_squared_distances(
-    a: torch.Tensor, references: torch.Tensor, index: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
-    """``sum((a_i - (references[index[i, j]] - shift))^2)`` by direct differences, ``(n, k)``, in bounded batches."""
-    n, k = index.shape
-    dim = a.shape[1]
-    out = torch.empty(n, k, dtype=a.dtype, device=a.device)
-    rows = max(1, _ELEMENT_BUDGET // (k * dim))
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        picked = references[index[start:stop].reshape(-1).to(references.device)]  # a fresh copy: safe in place
-        picked = picked.reshape(-1, dim).to(device=a.device, dtype=a.dtype).sub_(shift).view(stop - start, k, dim)
-        out[start:stop] = picked.sub_(a[start:stop, None, :]).square_().sum(-1)
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------- search
-def _knn(
-    queries: torch.Tensor,
-    references: torch.Tensor,
-    k: int,
-    *,
-    chunk_size: int,
-    query_chunk_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool,
-    desc: str = "nearest neighbours",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distances and indices of the ``k`` nearest references of every query (inputs already validated)."""
-    n_queries, n_refs = queries.shape[0], references.shape[0]
-    out_dist = torch.empty(n_queries, k, dtype=dtype)
-    out_index = torch.empty(n_queries, k, dtype=torch.long)
-    ref_chunks = [(start, min(start + chunk_size, n_refs)) for start in range(0, n_refs, chunk_size)]
-    n_blocks = math.ceil(n_queries / query_chunk_size) * len(ref_chunks)
-    shift = _centre(references, device, dtype)
-    with tqdm(total=n_blocks, desc=desc, unit="block", disable=not progress) as bar:
-        for q_start in range(0, n_queries, query_chunk_size):
-            q_stop = min(q_start + query_chunk_size, n_queries)
-            q = _rows(queries, q_start, q_stop, device, dtype, shift)
-            q_sq = _squared_norms(q)[:, None]
-            best_dist = torch.full((q_stop - q_start, k), math.inf, dtype=dtype, device=device)
-            best_index = torch.full((q_stop - q_start, k), -1, dtype=torch.long, device=device)
-            for r_start, r_stop in ref_chunks:
-                r = _rows(references, r_start, r_stop, device, dtype, shift)
-                block = _squared_distance_block(q, q_sq, r, _squared_norms(r))
-                vals, idx = torch.topk(block, min(k, r_stop - r_start), dim=1, largest=False, sorted=False)
-                merged_dist = torch.cat([best_dist, vals], dim=1)
-                merged_index = torch.cat([best_index, idx + r_start], dim=1)
-                best_dist, pos = torch.topk(merged_dist, k, dim=1, largest=False, sorted=False)
-                best_index = merged_index.gather(1, pos)
-                bar.update(1)
-            del r, block, vals, idx, merged_dist, merged_index
-            if bool((best_index < 0).any()):
-                raise ValueError(
-                    f"Squared distances overflow {dtype}; rescale the images or pass dtype=torch.float64."
-                )
-            # exact distances of the selected pairs; order by (distance, index) so ties come out deterministically
-            best_index = best_index.sort(dim=1).values
-            exact = _exact_squared_distances(q, references, best_index, shift)
-            exact, order = exact.sort(dim=1, stable=True)
-            if not bool(torch.isfinite(exact).all()):
-                raise ValueError(
-                    f"Squared distances overflow {dtype}; rescale the images or pass dtype=torch.float64."
-                )
-            out_dist[q_start:q_stop] = exact.cpu()
-            out_index[q_start:q_stop] = best_index.gather(1, order).cpu()
-    return out_dist, out_index
-
-
-def _ball_coverage(
-    points: torch.Tensor,
-    centres: torch.Tensor,
-    radii_sq: torch.Tensor,
-    *,
-    chunk_size: int,
-    query_chunk_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Whether each point lies in at least one closed ball ``||p - c_j||^2 <= radii_sq[j]``, ``(N,)`` bool.
-
-    Pairs that the expansion places within its rounding margin of a ball's boundary are recomputed exactly, so a
-    point that coincides with a centre, or sits exactly on the boundary, is decided the same way as the radii were.
-    """
-    n_points, n_centres = points.shape[0], centres.shape[0]
-    radii_sq = radii_sq.to(device=device, dtype=dtype)
-    slack = math.sqrt(torch.finfo(dtype).eps)
-    inside = torch.zeros(n_points, dtype=torch.bool)
-    ref_chunks = [(start, min(start + chunk_size, n_centres)) for start in range(0, n_centres, chunk_size)]
-    n_blocks = math.ceil(n_points / query_chunk_size) * len(ref_chunks)
-    shift = _centre(centres, device, dtype)
-    with tqdm(total=n_blocks, desc="ball coverage", unit="block", disable=not progress) as bar:
-        for p_start in range(0, n_points, query_chunk_size):
-            p_stop = min(p_start + query_chunk_size, n_points)
-            p = _rows(points, p_start, p_stop, device, dtype, shift)
-            p_sq = _squared_norms(p)[:, None]
-            covered = torch.zeros(p_stop - p_start, dtype=torch.bool, device=device)
-            for c_start, c_stop in ref_chunks:
-                if bool(covered.all()):
-                    bar.update(1)
-                    continue
-                c = _rows(centres, c_start, c_stop, device, dtype, shift)
-                c_sq = _squared_norms(c)
-                block = _squared_distance_block(p, p_sq, c, c_sq)
-                radii = radii_sq[c_start:c_stop][None, :]
-                margin = slack * (p_sq + c_sq[None, :])
-                covered |= (block <= radii - margin).any(1)
-                rows, cols = torch.nonzero((block <= radii + margin) & ~covered[:, None], as_tuple=True)
-                step = max(1, _ELEMENT_BUDGET // p.shape[1])
-                for start in range(0, rows.numel(), step):
-                    r, s = rows[start : start + step], cols[start : start + step]
-                    exact = p[r].sub_(c[s]).square_().sum(1)  # p[r] is a fresh copy
-                    covered[r[exact <= radii[0, s]]] = True
-                bar.update(1)
-            inside[p_start:p_stop] = covered.cpu()
-    return inside
-
-
-def _prepare_search(
-    queries: torch.Tensor | np.ndarray,
-    references: torch.Tensor | np.ndarray,
-    names: tuple[str, str],
-    *,
-    chunk_size: int,
-    query_chunk_size: int,
-    device: str | torch.device | None,
-    dtype: torch.dtype,
-    progress: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Validate a pair of image sets and the search settings; return both batches and the keyword arguments of
-    :func:`_knn` / :func:`_ball_coverage` (chunk sizes, resolved device, dtype, progress)."""
-    queries, references = _as_batch(queries, names[0]), _as_batch(references, names[1])
-    _check_same_shape(queries.shape[1:], names[0], references.shape[1:], names[1])
-    _check_positive_int(chunk_size, "chunk_size")
-    _check_positive_int(query_chunk_size, "query_chunk_size")
-    _check_dtype(dtype)
-    _check_finite(queries, names[0])
-    _check_finite(references, names[1])
-    search = {
-        "chunk_size": chunk_size,
-        "query_chunk_size": query_chunk_size,
-        "device": _resolve_device(device, queries, references),
-        "dtype": dtype,
-        "progress": progress,
-    }
-    return queries, references, search
-
-
 def nearest_neighbours(
     queries: torch.Tensor | np.ndarray,
     references: torch.Tensor | np.ndarray,
@@ -360,7 +74,7 @@ def nearest_neighbours(
         `tuple`: ``distances`` of shape ``(Q, k)`` in ``dtype``, increasing along each row, and the matching
         ``indices`` into ``references`` (int64), both on the CPU.
     """
-    queries, references, search = _prepare_search(
+    queries, references, search = prepare_search(
         queries,
         references,
         ("queries", "references"),
@@ -370,8 +84,8 @@ def nearest_neighbours(
         dtype=dtype,
         progress=progress,
     )
-    _check_k(k, references.shape[0], f"A {k}-nearest-neighbour search", "references")
-    dist, index = _knn(queries, references, k, **search)
+    check_k(k, references.shape[0], f"A {k}-nearest-neighbour search", "references")
+    dist, index = knn(queries, references, k, **search)
     return (dist if squared else dist.sqrt()), index
 
 
@@ -491,9 +205,9 @@ def nn_ratio_memorization(
     """
     if threshold is None:
         threshold = 1.0 / 9.0 if squared else 1.0 / 3.0
-    if not (_is_real_number(threshold) and 0 < threshold <= 1):
+    if not (is_real_number(threshold) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
-    generated, train, search = _prepare_search(
+    generated, train, search = prepare_search(
         generated,
         train,
         ("generated", "train"),
@@ -503,13 +217,13 @@ def nn_ratio_memorization(
         dtype=dtype,
         progress=progress,
     )
-    _check_k(2, train.shape[0], "The nearest-neighbour ratio (k=2)", "train")
+    check_k(2, train.shape[0], "The nearest-neighbour ratio (k=2)", "train")
     if held_out is not None:
-        held_out = _as_batch(held_out, "held_out")
-        _check_same_shape(held_out.shape[1:], "held_out", train.shape[1:], "train")
-        _check_finite(held_out, "held_out")
+        held_out = as_batch(held_out, "held_out")
+        check_same_shape(held_out.shape[1:], "held_out", train.shape[1:], "train")
+        check_finite(held_out, "held_out")
 
-    dist, index = _knn(generated, train, 2, desc="generated vs train", **search)
+    dist, index = knn(generated, train, 2, desc="generated vs train", **search)
     if not squared:
         dist = dist.sqrt()
     ratio = _ratio(dist[:, 0], dist[:, 1])
@@ -517,7 +231,7 @@ def nn_ratio_memorization(
     copied = torch.unique(index[memorized, 0])
     held_out_ratio = held_out_fraction = None
     if held_out is not None:
-        held_dist, _ = _knn(held_out, train, 2, desc="held-out vs train", **search)
+        held_dist, _ = knn(held_out, train, 2, desc="held-out vs train", **search)
         if not squared:
             held_dist = held_dist.sqrt()
         held_out_ratio = _ratio(held_dist[:, 0], held_dist[:, 1])
@@ -630,9 +344,9 @@ def calibrated_l2(
         [`CalibratedL2Report`]: per-sample scores, the extracted mask and the neighbourhood statistics.
     """
     for name, value in (("alpha", alpha), ("threshold", threshold)):
-        if not (_is_real_number(value) and math.isfinite(value) and value > 0):
+        if not (is_real_number(value) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-    generated, train, search = _prepare_search(
+    generated, train, search = prepare_search(
         generated,
         train,
         ("generated", "train"),
@@ -642,8 +356,8 @@ def calibrated_l2(
         dtype=dtype,
         progress=progress,
     )
-    _check_k(k, train.shape[0], f"The calibrated L2 distance with k={k}", "train")
-    dist, index = _knn(generated, train, k, desc="generated vs train", **search)
+    check_k(k, train.shape[0], f"The calibrated L2 distance with k={k}", "train")
+    dist, index = knn(generated, train, k, desc="generated vs train", **search)
     dist = dist.double().sqrt()
     mean_knn = dist.mean(1)
     denominator = alpha * mean_knn

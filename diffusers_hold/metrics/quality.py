@@ -5,7 +5,7 @@ of images ``(n, *image_shape)`` to features ``(n, F)`` can replace it (a small c
 disjoint split, or user-supplied weights). Memorization shows as high precision with low recall; the same numbers
 for the training images against the held-out images are the reference floor.
 
-Reference: ``shared/design/MEMORIZATION.md``, "Metrics" 8.
+Reference: ``docs/MEMORIZATION.md``, "Metrics" 8.
 """
 
 from __future__ import annotations
@@ -18,18 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .neighbours import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_QUERY_CHUNK_SIZE,
-    _as_batch,
-    _ball_coverage,
-    _check_finite,
-    _check_k,
-    _check_positive_int,
-    _check_same_shape,
-    _knn,
-    _prepare_search,
-)
+from .._validation import as_batch, check_finite, check_k, check_positive_int, check_same_shape
+from ._search import DEFAULT_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, ball_coverage, knn, prepare_search
 
 __all__ = [
     "PCAFeatures",
@@ -66,7 +56,7 @@ class PCAFeatures:
     """
 
     def __init__(self, n_components: int = 32):
-        _check_positive_int(n_components, "n_components")
+        check_positive_int(n_components, "n_components")
         self.n_components = n_components
         self.mean_: torch.Tensor | None = None
         self.components_: torch.Tensor | None = None
@@ -88,8 +78,8 @@ class PCAFeatures:
         Returns:
             [`PCAFeatures`]: ``self``.
         """
-        images = _as_batch(images, "images")
-        _check_finite(images, "images")
+        images = as_batch(images, "images")
+        check_finite(images, "images")
         n, dim = images.shape[0], images[0].numel()
         if self.n_components > min(n - 1, dim):
             raise ValueError(
@@ -124,10 +114,10 @@ class PCAFeatures:
         """
         if not self.is_fitted:
             raise ValueError("PCAFeatures is not fitted; call fit(held_out_images) first.")
-        _check_positive_int(batch_size, "batch_size")
-        images = _as_batch(images, "images")
-        _check_same_shape(images.shape[1:], "images", self.image_shape, "the images PCAFeatures was fitted on")
-        _check_finite(images, "images")
+        check_positive_int(batch_size, "batch_size")
+        images = as_batch(images, "images")
+        check_same_shape(images.shape[1:], "images", self.image_shape, "the images PCAFeatures was fitted on")
+        check_finite(images, "images")
         n = images.shape[0]
         out = torch.empty(n, self.n_components, dtype=_F64)
         for start in range(0, n, batch_size):
@@ -238,8 +228,8 @@ def frechet_distance(
 
 def _as_features(features: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """Validated ``(N, F)`` float64 CPU features (trailing axes are flattened)."""
-    features = _as_batch(features, name)
-    _check_finite(features, name)
+    features = as_batch(features, name)
+    check_finite(features, name)
     return features.reshape(features.shape[0], -1).to("cpu", _F64)
 
 
@@ -311,7 +301,7 @@ def precision_recall(
     Returns:
         [`PrecisionRecall`]: ``(precision, recall)``, each in ``[0, 1]``.
     """
-    real, fake, search = _prepare_search(
+    real, fake, search = prepare_search(
         real_features,
         fake_features,
         ("real_features", "fake_features"),
@@ -321,14 +311,14 @@ def precision_recall(
         dtype=dtype,
         progress=progress,
     )
-    _check_positive_int(k, "k")
-    _check_k(k + 1, real.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "real_features")
-    _check_k(k + 1, fake.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "fake_features")
+    check_positive_int(k, "k")
+    check_k(k + 1, real.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "real_features")
+    check_k(k + 1, fake.shape[0], f"Manifold radii with k={k} (k + 1 samples)", "fake_features")
     # the k + 1 smallest distances of a set to itself include the zero self-distance: column k is the k-th neighbour
-    real_radii = _knn(real, real, k + 1, desc="real radii", **search)[0][:, k]
-    fake_radii = _knn(fake, fake, k + 1, desc="fake radii", **search)[0][:, k]
-    precision = _ball_coverage(fake, real, real_radii, **search).double().mean()
-    recall = _ball_coverage(real, fake, fake_radii, **search).double().mean()
+    real_radii = knn(real, real, k + 1, desc="real radii", **search)[0][:, k]
+    fake_radii = knn(fake, fake, k + 1, desc="fake radii", **search)[0][:, k]
+    precision = ball_coverage(fake, real, real_radii, **search).double().mean()
+    recall = ball_coverage(real, fake, fake_radii, **search).double().mean()
     return PrecisionRecall(float(precision), float(recall))
 
 
@@ -433,14 +423,14 @@ def quality_report(
     Returns:
         [`QualityReport`]: generated-vs-held-out statistics and the train-vs-held-out floor.
     """
-    _check_positive_int(batch_size, "batch_size")
-    generated = _as_batch(generated, "generated")
-    train = _as_batch(train, "train")
-    held_out = _as_batch(held_out, "held_out")
-    _check_same_shape(generated.shape[1:], "generated", held_out.shape[1:], "held_out")
-    _check_same_shape(train.shape[1:], "train", held_out.shape[1:], "held_out")
+    check_positive_int(batch_size, "batch_size")
+    generated = as_batch(generated, "generated")
+    train = as_batch(train, "train")
+    held_out = as_batch(held_out, "held_out")
+    check_same_shape(generated.shape[1:], "generated", held_out.shape[1:], "held_out")
+    check_same_shape(train.shape[1:], "train", held_out.shape[1:], "held_out")
     for images, name in ((generated, "generated"), (train, "train"), (held_out, "held_out")):
-        _check_finite(images, name)
+        check_finite(images, name)
     if feature_extractor is None:
         feature_extractor = PCAFeatures(n_components)
     if not callable(feature_extractor):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .neighbours import _as_batch, _check_finite, _check_same_shape
+from .._validation import as_batch, check_finite, check_same_shape
 
 __all__ = ["CliqueAudit", "calibrate_clique_threshold", "clique_audit", "tiled_l2"]
 
@@ -41,12 +41,12 @@ def tiled_l2(a: torch.Tensor, b: torch.Tensor, tiles: int = 4, chunk_size: int =
     Returns:
         `torch.Tensor` of shape `(N, M)`: float64 distances on the CPU.
     """
-    a, b = _as_batch(a, "a"), _as_batch(b, "b")
+    a, b = as_batch(a, "a"), as_batch(b, "b")
     if a.ndim != 4:
         raise ValueError(f"Expected images of shape (N, C, H, W), got {tuple(a.shape)}.")
-    _check_same_shape(tuple(a.shape[1:]), "a", tuple(b.shape[1:]), "b")
-    _check_finite(a, "a")
-    _check_finite(b, "b")
+    check_same_shape(tuple(a.shape[1:]), "a", tuple(b.shape[1:]), "b")
+    check_finite(a, "a")
+    check_finite(b, "b")
     if not isinstance(tiles, int) or tiles < 1 or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"tiles and chunk_size must be positive integers, got {tiles!r} and {chunk_size!r}.")
     tiles_a = _tiles(a.cpu(), tiles)  # (N, T, P)
@@ -120,7 +120,7 @@ def clique_audit(
         min_clique_size (`int`, defaults to 10): flag a prompt when its largest clique has this many members.
         tiles (`int`, defaults to 4): tiles per side of the distance.
     """
-    generations = _as_batch(generations, "generations")
+    generations = as_batch(generations, "generations")
     if len(groups) != generations.shape[0]:
         raise ValueError(f"Got {len(groups)} group labels for {generations.shape[0]} generations.")
     if not threshold > 0 or min_clique_size < 2:
@@ -146,7 +146,7 @@ def calibrate_clique_threshold(reference: torch.Tensor, quantile: float = 0.01, 
         quantile (`float`, defaults to 0.01): in ``(0, 1)``.
         tiles (`int`, defaults to 4): tiles per side.
     """
-    reference = _as_batch(reference, "reference")
+    reference = as_batch(reference, "reference")
     if reference.shape[0] < 2 or not 0 < quantile < 1:
         raise ValueError(f"Need >= 2 reference images and a quantile in (0, 1), got {reference.shape[0]}, {quantile}.")
     distances = tiled_l2(reference, reference, tiles=tiles)

@@ -1,10 +1,11 @@
 """Trajectory diagnostics of memorization, collected from stock pipelines without forking them.
 
-- **Latent decomposition** (Kim, Kim and Lee 2025, `shared/seeds/003_*`): record the latents ``x^(k)`` after every
-  sampling step (:class:`TrajectoryRecorder`, a ``callback_on_step_end``), regress each on the final image and the
-  initial noise, ``x^(k) ~ w0 x_final + wT x_T`` (:func:`decompose_trajectory`), and compare the weights with the
-  schedule's own (:func:`reference_weights`). Memorized generations overestimate the final image early: ``w0`` runs
-  above the schedule and ``wT`` collapses before it should (:meth:`TrajectoryDecomposition.overestimation`).
+- **Latent decomposition** (Kim, Kim and Lee, *How Diffusion Models Memorize*, 2025): record the latents ``x^(k)``
+  after every sampling step (:class:`TrajectoryRecorder`, a ``callback_on_step_end``), regress each on the final
+  image and the initial noise, ``x^(k) ~ w0 x_final + wT x_T`` (:func:`decompose_trajectory`), and compare the
+  weights with the schedule's own (:func:`reference_weights`). Memorized generations overestimate the final image
+  early: ``w0`` runs above the schedule and ``wT`` collapses before it should
+  (:meth:`TrajectoryDecomposition.overestimation`).
 - **CFG gap** (Wen et al., ICLR 2024): ``|| eps(x_t, prompt) - eps(x_t, empty) ||_2`` per step, averaged over steps
   (or the first step alone), read off the classifier-free-guidance batch by a UNet forward hook
   (:class:`CFGGapMonitor`). Memorized prompts have large gaps.

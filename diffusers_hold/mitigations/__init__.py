@@ -18,7 +18,7 @@ masking (:func:`find_memorization_neurons`, :func:`mask_value_neurons`).
 
 Inference-time guidance (:mod:`.guidance`): :func:`delayed_guidance`, :func:`opposite_guidance`,
 :class:`GuidanceSchedule` and anti-memorization guidance (:class:`AntiMemorizationGuidance`). See
-``shared/design/MEMORIZATION.md``, "Training-time mitigations" and "Inference-time mitigations".
+``docs/MEMORIZATION.md``, "Training-time mitigations" and "Inference-time mitigations".
 """
 
 from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState

@@ -19,7 +19,7 @@ shard assignment are the callback's :meth:`IterativeEnsembleTraining.state_dict`
     dataset = ensemble.shard_dataset(dataset)   # epochs now iterate over the current shard
     ...  # then train with ensemble among the callbacks for ensemble.num_epochs epochs (see the training scripts)
 
-See ``shared/design/MEMORIZATION.md``, "Training-time mitigations", item 3.
+See ``docs/MEMORIZATION.md``, "Training-time mitigations", item 3.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._validation import check_positive_int
 from .callbacks import TrainingCallback, TrainingState
 
 __all__ = ["IterativeEnsembleTraining", "ShardedDataset"]
@@ -83,7 +84,8 @@ class IterativeEnsembleTraining(TrainingCallback):
     ``round(redistribute_fraction * n_k)`` samples with the highest skip rate (skips per appearance; ties by position,
     only samples skipped at least once) trade places with as many of the least-skipped samples of the next shard
     (``k + 1 mod K``), so the shards keep their sizes and a memorized sample meets a model that has not fitted it.
-    The paper's exact rule is not published (MEMORIZATION.md); this is the documented family with its knob exposed.
+    The paper's exact rule is not published (``docs/MEMORIZATION.md``); this is the documented family with its knob
+    exposed.
 
     Args:
         num_shards (`int`, defaults to 4): ``K`` (10 for CIFAR-10 and 4 for Stable Diffusion in the paper).
@@ -104,8 +106,7 @@ class IterativeEnsembleTraining(TrainingCallback):
         seed: int = 0,
     ):
         for name, value in (("num_shards", num_shards), ("num_rounds", num_rounds), ("local_epochs", local_epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_positive_int(value, name)
         if not 0 <= redistribute_fraction < 1:
             raise ValueError(f"redistribute_fraction must be in [0, 1), got {redistribute_fraction!r}.")
         if redistribute_fraction > 0 and num_shards < 2:

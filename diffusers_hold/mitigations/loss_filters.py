@@ -68,7 +68,7 @@ class AntiGradientControl(_KeptFractionLog):
     ``num_bins = num_train_timesteps`` get one bin each.
 
     The defaults are those of the IET-AGC paper and code: ``mem_ratio`` 2.0 for CIFAR-10-sized models (1.25 for
-    Stable Diffusion fine-tuning), decay 0.8. See ``shared/design/MEMORIZATION.md``, "Training-time mitigations".
+    Stable Diffusion fine-tuning), decay 0.8. See ``docs/MEMORIZATION.md``, "Training-time mitigations".
 
     Args:
         num_train_timesteps (`int`): the scheduler's timestep range (``noise_scheduler.config.num_train_timesteps``).

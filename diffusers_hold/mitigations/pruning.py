@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from .._validation import check_positive_int
 from ..objective import noisy_input_and_target
 from .callbacks import TrainingCallback, TrainingState
 from .timestep_sampling import TimestepAxis
@@ -215,8 +216,7 @@ def sample_small_t(
         `tuple[torch.Tensor, torch.Tensor]`: ``u`` (float64, shape `(num,)`) and the timesteps of
         :meth:`TimestepAxis.timesteps_from_u` (int64 for DDPM-style, float32 for HOLD), on the CPU.
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive integer, got {num!r}.")
+    check_positive_int(num, "num")
     try:
         a, b = (float(x) for x in beta)
     except (TypeError, ValueError):
@@ -236,8 +236,7 @@ def sample_small_t(
 
 def _draws(noise_scheduler, clean, num_draws, beta, generator):
     """``num_draws`` fixed ``(noisy input, target, timesteps)`` triples, shared by every head."""
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}.")
+    check_positive_int(num_draws, "num_draws")
     if not isinstance(clean, torch.Tensor) or clean.ndim < 2 or len(clean) == 0:
         raise ValueError("clean must be a non-empty batch tensor of shape (batch, C, ...).")
     draws = []

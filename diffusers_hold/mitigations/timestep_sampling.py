@@ -17,7 +17,7 @@ the last denoising steps).
 
 :class:`SNRIntervalTimestepSampler` implements the confidence-interval Gaussian sampler of Vu et al. (2026,
 "Memorization Control in Diffusion Models from Denoising-centric Perspective"); where the paper leaves the space, the
-interval-to-Gaussian map and the tail rule open, each option is exposed (``shared/design/MEMORIZATION.md``).
+interval-to-Gaussian map and the tail rule open, each option is exposed (``docs/MEMORIZATION.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from functools import cached_property
 from typing import Literal
 
 import torch
+
+from .._validation import check_positive_int
 
 __all__ = [
     "TIMESTEP_SAMPLERS",
@@ -491,6 +493,5 @@ def _finite_float(name: str, value) -> float:
 
 
 def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     return batch_size

@@ -1,9 +1,10 @@
 """The optimal empirical denoiser: the exact minimiser of the denoising loss on a finite training set.
 
 A diffusion model trained to zero loss on ``N`` images has the score of the empirical distribution, whose sampler
-reproduces training images (Gu et al. 2023; `shared/seeds/004_*`). This module gives that model in closed form as a
-real diffusers model, so that it runs in stock pipelines (``DDPMPipeline``, ``DDIMPipeline``) and with
-``HOLDScheduler(prediction_type="vp_epsilon")``: the reference "memorizes everything" model for memorization metrics.
+reproduces training images (Gu, Du, Pang, Li, Lin and Wang, *On Memorization in Diffusion Models*, 2023). This
+module gives that model in closed form as a real diffusers model, so that it runs in stock pipelines
+(``DDPMPipeline``, ``DDIMPipeline``) and with ``HOLDScheduler(prediction_type="vp_epsilon")``: the reference
+"memorizes everything" model for memorization metrics.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ Two parameterizations (config ``hold_parameterization``):
 
 - ``"state"``: the network reads the raw state and predicts ``eps_n`` directly (training from scratch).
 - ``"sufficient_statistic"``: the network is a VP epsilon UNet run on ``[sqrt(alpha_bar) * s | p | s | ...]`` at the VP
-  timestep, where ``s`` is the sufficient statistic of the state for the data (HOLD_MATH section 4); its prediction
-  is turned into ``eps_n`` exactly as the scheduler's zero-shot mode does. ``from_unet`` builds this from a pretrained
-  UNet with zero weights on the auxiliary inputs, so before any training the converted model *is* the zero-shot HOLD
-  sampler of the pretrained model, and fine-tuning starts from its behaviour instead of from noise.
+  timestep, where ``s`` is the sufficient statistic of the state for the data (``docs/HOLD_MATH.md`` section 4); its
+  prediction is turned into ``eps_n`` exactly as the scheduler's zero-shot mode does. ``from_unet`` builds this from a
+  pretrained UNet with zero weights on the auxiliary inputs, so before any training the converted model *is* the
+  zero-shot HOLD sampler of the pretrained model, and fine-tuning starts from its behaviour instead of from noise.
 
 The forward-process settings the UNet was trained for (``hold_order`` and ``hold_settings``) are part of its config.
 :meth:`HOLDScheduler.scale_model_input` tags its output with the scheduler's settings, and the UNet raises when they
@@ -149,8 +149,8 @@ class HOLDModelMixin:
         """Convert a pretrained diffusers UNet into a HOLD UNet that starts as its zero-shot HOLD sampler.
 
         The model reads ``[sqrt(alpha_bar) * s | aux]`` at the VP timestep (the sufficient statistic ``s`` of the
-        state, HOLD_MATH section 4); the pretrained weights see ``sqrt(alpha_bar) * s`` and the weights of the
-        auxiliary inputs start at zero, so before any training it generates what the zero-shot scheduler
+        state, ``docs/HOLD_MATH.md`` section 4); the pretrained weights see ``sqrt(alpha_bar) * s`` and the weights of
+        the auxiliary inputs start at zero, so before any training it generates what the zero-shot scheduler
         (``prediction_type="vp_epsilon"``) generates with the pretrained UNet.
 
         Args:

@@ -493,7 +493,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         timesteps: torch.Tensor | float,
         vp_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The last block's noise ``eps_n`` of HOLD states, from a pretrained VP epsilon model (HOLD_MATH section 4).
+        """The last block's noise ``eps_n`` of HOLD states, from a pretrained VP epsilon model (``docs/HOLD_MATH.md``,
+        section 4).
 
         ``vp_model`` is called once, on ``sqrt(alpha_bar) * s`` (``s`` the sufficient statistic of the state) at the
         fractional VP timesteps whose ``alphas_cumprod`` is that ``alpha_bar``; its noise prediction gives ``x0_hat``,
