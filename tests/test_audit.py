@@ -6,12 +6,21 @@ import sys
 
 import pytest
 import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler, hub
-from diffusers_hold.audit import audit_pipeline, generate_images, load_image_folder
+from diffusers_hold.audit import (
+    AuditReport,
+    audit_pipeline,
+    default_num_inference_steps,
+    generate_images,
+    load_image_folder,
+)
 from diffusers_hold.data import load_digits_images, write_digits_imagefolder
+from diffusers_hold.models import OptimalEmpiricalDenoiser
+from diffusers_hold.schedulers.scheduling_hold import RECOMMENDED_INFERENCE_STEPS, SOLVERS
 from diffusers_hold.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 
@@ -107,3 +116,156 @@ def test_audit_command_and_model_card_section(tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and "exactly one of --train_data_dir and --dataset_name" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def real_audit(digits, tmp_path_factory):
+    """A real audit's report and folder: 8 generations of an untrained HOLD pipeline, 60 held-out images."""
+    folder = tmp_path_factory.mktemp("audit")
+    pipe = unconditional_pipeline()
+    report = audit_pipeline(pipe, digits[:100], digits[100:160], folder, num_samples=8, num_inference_steps=3)
+    return pipe, report, folder
+
+
+def test_report_round_trips_through_report_json(real_audit):
+    pipe, report, folder = real_audit
+    assert report.quality is not None and report.memorization.held_out_ratio is not None  # every part is exercised
+    for source in (folder, folder / "report.json"):
+        loaded = AuditReport.load(source)
+        assert loaded.to_dict() == report.to_dict()
+        assert loaded.to_markdown() == report.to_markdown()
+        mem, original = loaded.memorization, report.memorization
+        for name in ("d1", "d2", "ratio", "nearest_index", "memorized", "copied_indices", "held_out_ratio"):
+            assert torch.equal(getattr(mem, name), getattr(original, name)), name
+    card = hub.create_model_card(pipe, memorization_audit=AuditReport.load(folder), repo_id="me/hold")
+    assert str(card) == str(hub.create_model_card(pipe, memorization_audit=report, repo_id="me/hold"))
+
+
+def drop(path):
+    def edit(data):
+        *parents, last = path.split(".")
+        for key in parents:
+            data = data[key]
+        del data[last]
+
+    return edit
+
+
+def assign(path, value):
+    def edit(data):
+        *parents, last = path.split(".")
+        for key in parents:
+            data = data[key]
+        data[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (drop("memorization.threshold"), r"has no `memorization\.threshold`"),
+        (drop("settings.num_inference_steps"), r"has no `settings\.num_inference_steps`"),
+        (drop("format_version"), r"has no `format_version`"),
+        (assign("format_version", 2), r"has format_version 2; this version of diffusers-hold reads format_version 1"),
+        (
+            assign("settings.num_inference_steps", "250"),
+            r"`settings\.num_inference_steps` must be an integer, got a s",
+        ),
+        (assign("settings.seed", True), r"`settings\.seed` must be an integer, got a boolean"),
+        (assign("settings.num_inference_steps_source", "guess"), r"is 'guess'; expected one of scheduler, pipeline"),
+        (assign("memorization", [1, 2]), r"`memorization` must be an object, got a list"),
+        (assign("memorization.per_sample.ratio", [0.5] * 3), r"`memorization\.per_sample\.ratio` has 3 values but"),
+        (
+            assign("memorization.per_sample.memorized", [0] * 8),
+            r"item 0 of `memorization\.per_sample\.memorized` must",
+        ),
+        (assign("quality.frechet_distance", None), r"`quality\.frechet_distance` must be a number, got null"),
+        (assign("prompts", ["a cat"]), r"`prompts` has 1 values but `memorization\.num_generated` is 8"),
+    ],
+    ids=[
+        "missing-key",
+        "missing-setting",
+        "no-version",
+        "wrong-version",
+        "string-for-int",
+        "bool-for-int",
+        "unknown-steps-source",
+        "list-for-object",
+        "short-per-sample-list",
+        "int-for-bool",
+        "null-for-number",
+        "prompt-count",
+    ],
+)
+def test_malformed_report_json_is_refused_naming_the_problem(real_audit, tmp_path, edit, problem):
+    _, _, folder = real_audit
+    data = json.loads((folder / "report.json").read_text())
+    edit(data)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=problem) as error:
+        AuditReport.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_report_files_that_are_not_reports_are_refused(tmp_path):
+    (tmp_path / "truncated.json").write_text('{"format_version": 1, "settings": {')
+    with pytest.raises(ValueError, match=r"truncated\.json is not valid JSON"):
+        AuditReport.load(tmp_path / "truncated.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, not a list"):
+        AuditReport.load(tmp_path / "list.json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not a JSON text file"):
+        AuditReport.load(tmp_path / "binary.json")
+    with pytest.raises(FileNotFoundError, match="diffusers-hold audit` writes report.json"):
+        AuditReport.load(tmp_path / "missing")
+
+
+def test_every_solver_states_a_recommended_step_count():
+    assert set(RECOMMENDED_INFERENCE_STEPS) == set(SOLVERS)
+    for solver in SOLVERS:
+        scheduler = HOLDScheduler(solver=solver)
+        assert scheduler.recommended_num_inference_steps == RECOMMENDED_INFERENCE_STEPS[solver]
+        assert default_num_inference_steps(HOLDPipeline(unet=tiny_unet_2d(), scheduler=scheduler))[1] == "scheduler"
+
+
+def test_an_under_sampled_memorizer_is_not_reported_as_less_memorized(digits, tmp_path, single_thread):
+    """The exact empirical denoiser of 16 digits copies them; sampled through HOLD (order 3, SSCS, linear grid) at
+    the audit's default settings its generations are flagged, as when sampled at 1000 steps, while 50 steps (the
+    audit's former default) report almost no copying."""
+    images, _ = load_digits_images(8)  # [-1, 1], as the pipeline's position block
+    train, held_out = images[:16] / 2 + 0.5, images[1000:1040] / 2 + 0.5
+    scheduler = HOLDScheduler.from_config(DDPMScheduler().config, order=3, prediction_type="vp_epsilon", solver="sscs")
+    pipe = HOLDPipeline(unet=OptimalEmpiricalDenoiser.from_images(images[:16]), scheduler=scheduler)
+
+    def audit(name, **kwargs):
+        return audit_pipeline(pipe, train, held_out, tmp_path / name, num_samples=16, batch_size=16, **kwargs)
+
+    default = audit("default")
+    assert default.settings["num_inference_steps"] == 250 and default.settings["default_num_inference_steps"] == 250
+    assert default.settings["num_inference_steps_source"] == "scheduler"
+    assert (
+        default.settings["scheduler"] == "HOLDScheduler" and default.settings["scheduler_config"]["solver"] == "sscs"
+    )
+    assert default.memorization.fraction_memorized >= 0.9 and default.memorization.held_out_fraction == 0.0
+    proper = audit("proper", num_inference_steps=1000)
+    assert proper.memorization.fraction_memorized >= 0.9
+    assert default.memorization.fraction_memorized >= proper.memorization.fraction_memorized - 1 / 16
+
+    under = audit("under", num_inference_steps=50)
+    # the hazard the default avoids: sampled too coarsely, the perfect memorizer looks original
+    assert under.memorization.fraction_memorized <= 0.1
+    assert under.settings["num_inference_steps_source"] == "user"
+    markdown = (tmp_path / "under" / "report.md").read_text()
+    assert "50 steps (chosen for this audit; the default is 250, and fewer steps can under-report copying)" in markdown
+    assert "(solver `sscs`, timestep spacing `linear`, HOLD order `3`), 250 steps" in default.to_markdown()
+
+
+def test_a_stock_pipeline_keeps_its_own_default_step_count(digits, tmp_path):
+    pipe = DDIMPipeline(unet=OptimalEmpiricalDenoiser.from_images(digits[:8] * 2 - 1), scheduler=DDIMScheduler())
+    assert default_num_inference_steps(pipe) == (50, "pipeline")  # DDIMPipeline.__call__'s default
+    report = audit_pipeline(pipe, digits[:8], digits[100:110], tmp_path, num_samples=2, num_inference_steps=None)
+    assert report.settings["num_inference_steps"] == 50 and report.settings["num_inference_steps_source"] == "pipeline"
+    assert "50 steps (the default of `DDIMPipeline`)" in report.to_markdown()
