@@ -66,10 +66,11 @@ $(TORCH_RECORD): | $(VENV_PYTHON)
 	fi
 	@printf '%s\n' $(call quote,$(TORCH)) > $@
 
+# torch alone from TORCH's index; its own dependencies come with the package's, from the usual index.
 $(INSTALLED): pyproject.toml Makefile $(TORCH_RECORD)
 	@rm -f $@
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
-	$(VENV_PYTHON) -m pip install $(TORCH)
+	$(VENV_PYTHON) -m pip install --no-deps $(TORCH)
 	$(VENV_PYTHON) -m pip install --editable ".[$(EXTRAS)]"
 	@$(VENV_PYTHON) -c "import diffusers, torch, transformers; print(f'$(VENV) ready: torch {torch.__version__},' \
 		f' diffusers {diffusers.__version__}, transformers {transformers.__version__}')"
