@@ -3,13 +3,20 @@
     diffusers-hold audit --pipeline outputs/t2i-hold --train_data_dir data/train --held_out_dir data/held_out \\
         --num_samples 256 --output_dir outputs/audit
 
+    diffusers-hold publish --pipeline outputs/t2i-hold --audit outputs/audit/report.json --license apache-2.0 \\
+        --repo_id me/t2i-hold --output_dir outputs/t2i-hold-hub [--push]
+
     diffusers-hold bench --output_dir outputs/bench [--quick]
 
 ``bench`` runs the memorization benchmark of :mod:`diffusers_hold.bench` (the DDPM baseline, HOLD orders and
 mitigations trained side by side on bundled data). ``audit`` loads a saved pipeline (HOLD or stock; ``import
 diffusers_hold`` is done here), loads the training and held-out images at the size and channels the pipeline
-generates, generates (prompts: ``--prompt``, else the training captions in turn) and writes the report files of
-:func:`diffusers_hold.audit.audit_pipeline`.
+generates, generates (prompts: ``--prompt``, else the training captions in turn; steps: ``--num_inference_steps``,
+else what the scheduler recommends for its solver, else the pipeline's default) and writes the report files of
+:func:`diffusers_hold.audit.audit_pipeline`. ``publish`` writes a saved pipeline in the Hub layout with its model card
+(:func:`diffusers_hold.hub.save_for_hub`; the card carries the audit read from ``--audit``), checks that the folder
+loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, and with ``--push`` uploads it
+(:func:`diffusers_hold.hub.push_to_hub`).
 """
 
 from __future__ import annotations
@@ -68,6 +75,78 @@ def _audit(args: argparse.Namespace) -> None:
     print(f"\nreport: {report.files['markdown']}")
 
 
+def _publish(args: argparse.Namespace) -> None:
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    from .audit import AuditReport
+    from .hub import push_to_hub, save_for_hub
+
+    # everything that can be checked is checked before the work: the upload is the last step
+    if args.repo_id is not None:
+        try:
+            validate_repo_id(args.repo_id)
+        except ValueError as error:
+            raise SystemExit(f"diffusers-hold publish: --repo_id {args.repo_id!r}: {error}") from error
+    elif args.push:
+        raise SystemExit("diffusers-hold publish: --push needs --repo_id (user/name).")
+    token = args.hub_token or get_token()
+    if args.push and token is None:
+        raise SystemExit(
+            "diffusers-hold publish: --push needs a Hugging Face token; log in with `hf auth login`, set HF_TOKEN or "
+            "pass --hub_token."
+        )
+    try:
+        report = None if args.audit is None else AuditReport.load(args.audit)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"diffusers-hold publish: {error}") from error
+    pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
+    if report is not None and report.pipeline_class != type(pipeline).__name__:
+        raise SystemExit(
+            f"diffusers-hold publish: {args.audit} audits a {report.pipeline_class}, but {args.pipeline} holds a "
+            f"{type(pipeline).__name__}; audit this pipeline (diffusers-hold audit --pipeline {args.pipeline} ...)."
+        )
+    folder = save_for_hub(
+        pipeline,
+        args.output_dir,
+        base_model=args.base_model,
+        license=args.license,
+        tags=args.tags,
+        repo_id=args.repo_id,
+        memorization_audit=report,
+        overwrite=args.overwrite,
+    )
+    _check_loads_back(pipeline, folder)
+    print(f"Hub folder: {folder} (model card: {folder / 'README.md'}); it loads with trust_remote_code=True.")
+    if not args.push:
+        return
+    try:
+        url = push_to_hub(folder, args.repo_id, token=token, private=args.private)
+    except Exception as error:  # network, authentication and Hub errors come from several libraries
+        raise SystemExit(
+            f"diffusers-hold publish: uploading {folder} to {args.repo_id} failed ({type(error).__name__}: {error}). "
+            "The folder is complete and validated: once the cause is fixed, run the command again with --overwrite "
+            "--push, or upload the folder as it is."
+        ) from error
+    print(f"uploaded: {url}")
+
+
+def _check_loads_back(pipeline, folder) -> None:
+    """Load the Hub folder as users will (``trust_remote_code=True``) and compare its classes with `pipeline`'s."""
+    from diffusers import DiffusionPipeline
+
+    loaded = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    expected = {"pipeline": type(pipeline), **{name: type(c) for name, c in pipeline.components.items()}}
+    found = {"pipeline": type(loaded), **{name: type(c) for name, c in loaded.components.items()}}
+    for name, cls in expected.items():
+        if found.get(name) is not cls:
+            raise SystemExit(
+                f"diffusers-hold publish: {folder} loads {name} as {getattr(found.get(name), '__name__', None)}, "
+                f"not {cls.__name__}."
+            )
+
+
 def _call_parameters(pipeline) -> set[str]:
     return set(inspect.signature(pipeline.__call__).parameters)
 
@@ -87,10 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--prompt", nargs="+", default=None, help="Prompts to use instead of the captions.")
     audit.add_argument("--num_samples", type=int, default=64)
     audit.add_argument("--batch_size", type=int, default=8)
-    audit.add_argument("--num_inference_steps", type=int, default=50)
+    audit.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="Sampling steps (default: what the scheduler recommends for its solver, else the pipeline's default).",
+    )
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--output_dir", required=True)
     audit.set_defaults(run=_audit)
+    publish = commands.add_parser(
+        "publish", help="Write a saved pipeline and its model card (with a memorization audit) for the Hub; upload it."
+    )
+    publish.add_argument("--pipeline", required=True, help="A saved pipeline folder (save_pretrained).")
+    publish.add_argument("--output_dir", required=True, help="The Hub folder to write (the repo's content).")
+    publish.add_argument("--audit", default=None, help="The report.json of `diffusers-hold audit` for the card.")
+    publish.add_argument("--base_model", default=None, help="Hub id of the model it was fine-tuned from.")
+    publish.add_argument("--license", default=None, help='License of the weights, e.g. "apache-2.0".')
+    publish.add_argument("--repo_id", default=None, help="The Hub repo, user/name (needed with --push).")
+    publish.add_argument("--tags", nargs="+", default=None, help="Extra tags for the card.")
+    publish.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
+    publish.add_argument("--push", action="store_true", help="Upload the folder to --repo_id.")
+    publish.add_argument("--private", action="store_true", default=None, help="Create the repo private.")
+    publish.add_argument("--hub_token", default=None, help="Hub token (default: the stored login or HF_TOKEN).")
+    publish.set_defaults(run=_publish)
     bench = commands.add_parser("bench", help="Train and measure the baseline, HOLD orders and mitigations.")
     build_bench_parser(bench)
     bench.set_defaults(run=_bench)
