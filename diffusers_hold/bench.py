@@ -55,9 +55,9 @@ from .mitigations import (
     UniformTimestepSampler,
     delayed_guidance,
     opposite_guidance,
+    training_step,
 )
 from .models import HOLDUNet2DModel
-from .objective import noisy_input_and_target, per_sample_mse
 from .pipelines import HOLDPipeline
 from .schedulers import HOLDScheduler
 
@@ -575,6 +575,15 @@ def train_and_evaluate(
         generator.set_state(saved["generator"])
         step, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
     model.train()
+
+    def encode(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if not method.text_conditional:
+            return train[batch["indices"]], {}
+        # 10 % empty captions, so that the model also learns the unconditional score CFG needs
+        dropped = (torch.rand(len(batch["indices"]), generator=generator) < 0.1).tolist()
+        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
+        return train[batch["indices"]], {"encoder_hidden_states": _TextEncoder.shared(config).encode(captions)}
+
     evaluations = [s for s in config.evaluation_steps() if s > step]
     bar = tqdm(total=config.train_steps, initial=step, desc=method.name, disable=not progress, leave=False)
     generated, last = None, None
@@ -587,20 +596,7 @@ def train_and_evaluate(
             batch = {"indices": indices}
             if method.text_conditional:
                 batch["captions"] = [bench_caption(i) for i in indices.tolist()]
-            batch = callbacks.on_batch(batch, state)
-            forward_kwargs = {}
-            if method.text_conditional:
-                # 10 % empty captions, so that the model also learns the unconditional score CFG needs
-                dropped = (torch.rand(len(indices), generator=generator) < 0.1).tolist()
-                captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
-                states = _TextEncoder.shared(config).encode(captions)
-                forward_kwargs = callbacks.on_conditioning({"encoder_hidden_states": states}, state)
-            clean = train[indices]
-            timesteps, _ = callbacks.sample_timesteps(len(clean), state)
-            model_input, target = noisy_input_and_target(scheduler, clean, timesteps, generator)
-            output = model(model_input, timesteps, **forward_kwargs).sample
-            state.set_forward(model_input, forward_kwargs, output)
-            loss = callbacks.on_loss(per_sample_mse(output, target), state)
+            loss = training_step(batch, state, callbacks, encode, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

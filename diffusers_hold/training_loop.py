@@ -9,13 +9,14 @@ progress bar, and a final check that data-parallel replicas agree.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -36,8 +37,9 @@ from .mitigations import (
     TimestepSamplingCallback,
     TrainingCallback,
     TrainingState,
+    training_step,
 )
-from .objective import min_snr_loss_weights, noisy_input_and_target, per_sample_mse, signal_to_noise
+from .training_config import TrainingConfig
 from .training_utils import (
     CheckpointManager,
     NoiseGenerator,
@@ -47,19 +49,19 @@ from .training_utils import (
     save_validation_grid,
 )
 
-__all__ = ["finish_training", "load_training_data", "make_accelerator", "sampling_model", "train"]
+__all__ = ["TrainingResult", "finish_training", "load_training_data", "make_accelerator", "sampling_model", "train"]
 
 logger = get_logger(__name__)
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """The run's ``Accelerator`` from the flags; fails first if the ``--report_to`` tracker is not installed."""
-    check_tracker_available(args.report_to)
-    output_dir = Path(args.output_dir)
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """The run's ``Accelerator`` from the config; fails first if the ``report_to`` tracker is not installed."""
+    check_tracker_available(config.report_to)
+    output_dir = Path(config.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # the data order of every epoch is a function of (seed, epoch), saved and restored with checkpoints
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -67,63 +69,63 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     processes = f"{accelerator.num_processes} process(es) on {accelerator.device}"
     logger.info(f"{processes}, mixed precision: {accelerator.mixed_precision}")
-    set_seed(args.seed)
+    set_seed(config.seed)
     return accelerator
 
 
 def load_training_data(
-    args: argparse.Namespace, accelerator, *, caption_column: str | None = None, num_channels: int = 3
+    config: TrainingConfig, accelerator, *, caption_column: str | None = None, num_channels: int = 3
 ) -> tuple[ImageTrainingDataset, torch.utils.data.DataLoader]:
     """The training set (every image checked up front) and its data loader, from the data flags.
 
     Args:
-        args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
+        config (`TrainingConfig`): the run's settings.
         accelerator (`accelerate.Accelerator`): the run's accelerator (the main process prepares the data first).
         caption_column (`str`, *optional*): the caption column (text-to-image).
         num_channels (`int`, defaults to 3): image channels, 1 or 3.
     """
     dataset = load_image_dataset(
-        train_data_dir=args.train_data_dir,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
+        train_data_dir=config.train_data_dir,
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        cache_dir=config.cache_dir,
     )
     with accelerator.main_process_first():
         train_dataset, info = prepare_training_dataset(
             dataset,
-            image_column=args.image_column,
+            image_column=config.image_column,
             caption_column=caption_column,
-            resolution=args.resolution,
-            center_crop=args.center_crop,
-            random_flip=args.random_flip,
+            resolution=config.resolution,
+            center_crop=config.center_crop,
+            random_flip=config.random_flip,
             num_channels=num_channels,
-            seed=args.seed,
-            skip_bad_images=args.skip_bad_images,
+            seed=config.seed,
+            skip_bad_images=config.skip_bad_images,
         )
     if info["skipped"]:
         logger.warning(f"Skipped {info['skipped']} unreadable images: {info['skipped_images']}")
-    if args.ensemble_shards is not None:
-        if args.ensemble_redistribute > 0 and not args.anti_gradient_control:
+    if config.ensemble_shards is not None:
+        if config.ensemble_redistribute > 0 and not config.anti_gradient_control:
             raise ValueError("--ensemble_redistribute moves the samples AGC skips: add --anti_gradient_control.")
         ensemble = IterativeEnsembleTraining(
-            num_shards=args.ensemble_shards,
-            num_rounds=args.ensemble_rounds,
-            local_epochs=args.ensemble_local_epochs,
-            redistribute_fraction=args.ensemble_redistribute,
-            seed=args.seed,
+            num_shards=config.ensemble_shards,
+            num_rounds=config.ensemble_rounds,
+            local_epochs=config.ensemble_local_epochs,
+            redistribute_fraction=config.ensemble_redistribute,
+            seed=config.seed,
         )
         train_dataset = ensemble.shard_dataset(train_dataset)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
+        batch_size=config.train_batch_size,
         shuffle=True,
         collate_fn=collate_examples,
-        num_workers=args.dataloader_num_workers,
+        num_workers=config.dataloader_num_workers,
         drop_last=True,
     )
     if len(train_dataloader) == 0:
         raise ValueError(
-            f"{len(train_dataset)} images make no full batch of {args.train_batch_size}; lower --train_batch_size."
+            f"{len(train_dataset)} images make no full batch of {config.train_batch_size}; lower --train_batch_size."
         )
     return train_dataset, train_dataloader
 
@@ -138,8 +140,27 @@ def sampling_model(accelerator, model: torch.nn.Module, ema: EMAModel | None) ->
     return model
 
 
+@dataclass
+class TrainingResult:
+    """What :func:`train` computed.
+
+    Attributes:
+        model (`torch.nn.Module`): the trained model as prepared by accelerate (:func:`sampling_model` unwraps it and
+            applies the EMA).
+        global_step (`int`): optimizer updates done.
+        max_train_steps (`int`): the run's length in updates: ``config.max_train_steps``, else its epochs' worth (an
+            ensemble fixes the epochs).
+        num_epochs (`int`): the epochs those updates span.
+    """
+
+    model: torch.nn.Module
+    global_step: int
+    max_train_steps: int
+    num_epochs: int
+
+
 def train(
-    args: argparse.Namespace,
+    config: TrainingConfig,
     accelerator,
     *,
     model: torch.nn.Module,
@@ -153,27 +174,28 @@ def train(
     callbacks: Iterable[TrainingCallback] = (),
     validation_kwargs: dict | None = None,
     project_name: str = "diffusers_hold",
-) -> torch.nn.Module:
-    """Train ``model`` to ``args.max_train_steps`` (resuming when asked) and return the prepared model.
+    hyperparameters: Mapping[str, Any] | None = None,
+) -> TrainingResult:
+    """Train ``model`` to ``config.max_train_steps`` (resuming when asked); ``config`` is not modified.
 
-    One optimizer update: ``on_batch`` callbacks, ``encode(batch, generator)`` -> clean input and forward
-    arguments, ``on_conditioning`` callbacks, timesteps from the callbacks (a seeded sampler from
-    ``--timestep_sampling`` comes first), noise from a per-process generator, ``model(noisy, timesteps,
-    **forward_kwargs)``, per-sample MSE, min-SNR weights (``--snr_gamma``), ``on_loss`` callbacks (which apply
-    importance weights), backward, clipping, optimizer and
-    learning-rate steps; then EMA, ``on_step_end``, logging, checkpoints and validation grids.
+    Each micro-batch is one :func:`~diffusers_hold.mitigations.training_step` (``on_batch`` callbacks, ``encode(batch,
+    generator)`` -> clean input and forward arguments, ``on_conditioning`` callbacks, timesteps from the callbacks (a
+    seeded sampler from ``config.timestep_sampling`` comes first), noise from a per-process generator, the forward
+    pass, per-sample MSE, min-SNR weights with ``config.snr_gamma``, ``on_loss`` callbacks), then backward, clipping,
+    optimizer and learning-rate steps; after each update: EMA, ``on_step_end``, logging, checkpoints and validation
+    grids.
 
-    With ``--ensemble_shards`` (:func:`load_training_data` then returns a
+    With ``config.ensemble_shards`` (:func:`load_training_data` then returns a
     :class:`~diffusers_hold.mitigations.ShardedDataset`), the run is iterative ensemble training: its
     :class:`~diffusers_hold.mitigations.IterativeEnsembleTraining` callback runs after the loss filters, averages the
-    weights and the EMA, and fixes the number of epochs. With ``--prune_heads_ratio``, a
+    weights and the EMA, and fixes the number of epochs. With ``config.prune_heads_ratio``, a
     :class:`~diffusers_hold.mitigations.HeadPruningCallback` prunes the least important attention heads after
-    ``--prune_at_step`` updates (importance on the small-t loss of the first ``--prune_importance_images`` images)
-    and holds them at zero, in the EMA too, for the rest of the run.
+    ``config.prune_at_step`` updates (importance on the small-t loss of the first ``config.prune_importance_images``
+    images) and holds them at zero, in the EMA too, for the rest of the run.
 
     Args:
-        args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
-        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        config (`TrainingConfig`): the run's settings.
+        accelerator (`accelerate.Accelerator`): the run's accelerator (:func:`make_accelerator`).
         model (`torch.nn.Module`): the UNet to train (not yet prepared).
         noise_scheduler: the training scheduler, :class:`~diffusers_hold.HOLDScheduler` or DDPM-type.
         train_dataset (`ImageTrainingDataset`), train_dataloader (`DataLoader`): from :func:`load_training_data`.
@@ -185,186 +207,270 @@ def train(
             model's parameters that require gradients, e.g. the LoRA weights alone).
         ema (`EMAModel`, *optional*): EMA of the trainable parameters.
         callbacks (`Iterable[TrainingCallback]`, *optional*): mitigations, after the timestep sampler and the
-            ``--anti_gradient_control`` filter.
+            ``config.anti_gradient_control`` filter.
         validation_kwargs (`dict`, *optional*): pipeline arguments for the validation grids.
         project_name (`str`, defaults to `"diffusers_hold"`): the trackers' project name.
+        hyperparameters (`Mapping`, *optional*): further settings logged to the trackers with the config's (e.g. the
+            script's own flags).
+
+    Returns:
+        [`TrainingResult`]: the prepared model and the run's length.
     """
-    if trainable_parameters is None:
-        trainable_parameters = [p for p in model.parameters() if p.requires_grad]
-    trainable_parameters = list(trainable_parameters)
+    trainable_parameters = list(
+        [p for p in model.parameters() if p.requires_grad] if trainable_parameters is None else trainable_parameters
+    )
+    ensemble = train_dataset.ensemble if isinstance(train_dataset, ShardedDataset) else None
+    updates_per_epoch, max_train_steps, num_epochs = _run_length(config, accelerator, train_dataloader, ensemble)
     optimizer = torch.optim.AdamW(
         trainable_parameters,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
     )
-    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    ensemble = train_dataset.ensemble if isinstance(train_dataset, ShardedDataset) else None
-    if ensemble is not None:
-        if args.max_train_steps is not None:
-            raise ValueError("--ensemble_shards fixes the length of the run; drop --max_train_steps.")
-        args.num_train_epochs = ensemble.num_epochs
-        ensemble.ema = ema
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler,
+        config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
-    sampler = TimestepSamplingCallback(build_timestep_sampler(args, noise_scheduler), seed=args.seed)
+    if ensemble is not None:
+        ensemble.ema = ema
+    callback_list = _callback_list(config, noise_scheduler, train_dataset, encode, ema, ensemble, callbacks)
+    accelerator.register_for_checkpointing(callback_list)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    run = _Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        callbacks=callback_list,
+        state=TrainingState(
+            noise_scheduler=noise_scheduler,
+            model=model,
+            accelerator=accelerator,
+            optimizer=optimizer,
+            updates_per_epoch=updates_per_epoch,
+        ),
+        encode=encode,
+        noise_generator=NoiseGenerator(config.seed, accelerator.process_index),
+        checkpoints=CheckpointManager(config.output_dir, config.checkpoints_total_limit),
+        trainable_parameters=trainable_parameters,
+        ema=ema,
+        build_pipeline=build_pipeline,
+        validation_kwargs=validation_kwargs or {},
+    )
+    global_step = run.resume()
+    if accelerator.is_main_process and config.report_to != "none":
+        settings = {**(hyperparameters or {}), **asdict(config), "max_train_steps": max_train_steps}
+        accelerator.init_trackers(project_name, config={k: str(v) for k, v in settings.items()})
+    logger.info(
+        f"{len(train_dataset)} images, {num_epochs} epochs, {max_train_steps} updates of "
+        f"{config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps} images"
+    )
+    global_step = run.train_epochs(train_dataset, train_dataloader, global_step, updates_per_epoch, max_train_steps)
+    accelerator.wait_for_everyone()
+    check_replicas_agree(accelerator, model, callback_list)
+    return TrainingResult(model=model, global_step=global_step, max_train_steps=max_train_steps, num_epochs=num_epochs)
+
+
+def _run_length(config: TrainingConfig, accelerator, train_dataloader, ensemble) -> tuple[int, int, int]:
+    """``(updates per epoch, max_train_steps, epochs)`` of a run; an iterative ensemble fixes the epochs."""
+    updates_per_epoch = math.ceil(
+        len(train_dataloader) / accelerator.num_processes / config.gradient_accumulation_steps
+    )
+    num_train_epochs = config.num_train_epochs
+    if ensemble is not None:
+        if config.max_train_steps is not None:
+            raise ValueError("--ensemble_shards fixes the length of the run; drop --max_train_steps.")
+        num_train_epochs = ensemble.num_epochs
+    max_train_steps = config.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = num_train_epochs * updates_per_epoch
+    return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
+
+
+def _callback_list(
+    config: TrainingConfig, noise_scheduler, train_dataset, encode: Callable, ema, ensemble, callbacks
+) -> CallbackList:
+    """The run's callbacks in hook order: the seeded timestep sampler, the loss filters the config asks for (AGC, the
+    ensemble, head pruning), then the caller's."""
+    sampler = TimestepSamplingCallback(build_timestep_sampler(config, noise_scheduler), seed=config.seed)
     filters = []
-    if args.anti_gradient_control:
+    if config.anti_gradient_control:
         filters.append(
             AntiGradientControl(
                 noise_scheduler.config.num_train_timesteps,
-                mem_ratio=args.agc_mem_ratio,
-                decay=args.agc_decay,
-                num_bins=args.agc_num_bins,
+                mem_ratio=config.agc_mem_ratio,
+                decay=config.agc_decay,
+                num_bins=config.agc_num_bins,
             )
         )
     if ensemble is not None:
         filters.append(ensemble)
-    if args.prune_heads_ratio is not None:
-        filters.append(_head_pruning(args, train_dataset, encode, ema))
-    callbacks = CallbackList([sampler, *filters, *callbacks])
-    accelerator.register_for_checkpointing(callbacks)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    noise_generator = NoiseGenerator(args.seed, accelerator.process_index)
-    checkpoints = CheckpointManager(args.output_dir, args.checkpoints_total_limit)
-    checkpoints.remove_unfinished(accelerator)
+    if config.prune_heads_ratio is not None:
+        filters.append(_head_pruning(config, train_dataset, encode, ema))
+    return CallbackList([sampler, *filters, *callbacks])
 
-    global_step = 0
-    if args.resume_from_checkpoint is not None:
-        checkpoint = checkpoints.resolve(args.resume_from_checkpoint)
+
+@dataclass
+class _Run:
+    """What the updates of one run of :func:`train` work with (the prepared model, optimizer and callbacks, ...)."""
+
+    config: TrainingConfig
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    callbacks: CallbackList
+    state: TrainingState
+    encode: Callable
+    noise_generator: NoiseGenerator
+    checkpoints: CheckpointManager
+    trainable_parameters: list[torch.nn.Parameter]
+    ema: EMAModel | None
+    build_pipeline: Callable
+    validation_kwargs: dict
+
+    def resume(self) -> int:
+        """Delete unfinished checkpoints; restore the one ``config.resume_from_checkpoint`` names. The global step."""
+        self.checkpoints.remove_unfinished(self.accelerator)
+        if self.config.resume_from_checkpoint is None:
+            return 0
+        checkpoint = self.checkpoints.resolve(self.config.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("No checkpoint to resume from; starting a new run.")
-        else:
-            global_step = checkpoints.load(accelerator, checkpoint, noise_generator)
-            logger.info(f"Resumed from {checkpoint} at step {global_step}.")
-    global_step_at_start = global_step
-    first_epoch = global_step // updates_per_epoch
-    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+            return 0
+        global_step = self.checkpoints.load(self.accelerator, checkpoint, self.noise_generator)
+        logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+        return global_step
 
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(project_name, config={k: str(v) for k, v in vars(args).items()})
-    state = TrainingState(
-        noise_scheduler=noise_scheduler,
-        model=model,
-        accelerator=accelerator,
-        global_step=global_step,
-        optimizer=optimizer,
-        updates_per_epoch=updates_per_epoch,
-    )
-    logger.info(
-        f"{len(train_dataset)} images, {num_epochs} epochs, {args.max_train_steps} updates of "
-        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} images"
-    )
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
-    prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
-    images_per_update = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    # throughput is timed after the first updates, which pay for allocations and lazy initialisation
-    warmup_updates, timed_from, timed_start = min(5, args.max_train_steps // 2), None, None
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= args.max_train_steps:
-            break
-        state.epoch = epoch
-        model.train()
-        # accelerate does not always pass the epoch on to the dataset, whose crops and flips depend on it
-        train_dataloader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                batch = callbacks.on_batch(batch, state)
-                clean, forward_kwargs = encode(batch, noise_generator.generator)
-                forward_kwargs = callbacks.on_conditioning(forward_kwargs, state)
-                timesteps, _ = callbacks.sample_timesteps(len(clean), state)
-                model_input, target = noisy_input_and_target(
-                    noise_scheduler, clean, timesteps, noise_generator.generator
-                )
-                model_output = model(model_input, timesteps, **forward_kwargs).sample
-                state.set_forward(model_input, forward_kwargs, model_output)
-                per_sample_loss = per_sample_mse(model_output, target)
-                if args.snr_gamma is not None:
-                    snr = signal_to_noise(noise_scheduler, timesteps)
-                    per_sample_loss = per_sample_loss * min_snr_loss_weights(snr, args.snr_gamma, prediction_type)
-                loss = callbacks.on_loss(per_sample_loss, state)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(trainable_parameters)
-            global_step += 1
-            state.global_step = global_step
-            callbacks.on_step_end(state)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **state.logs}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            state.logs.clear()
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                checkpoints.save(accelerator, global_step, noise_generator)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                pipeline = build_pipeline(sampling_model(accelerator, model, ema))
-                with accelerator.autocast():  # frozen components may be in the mixed-precision dtype
-                    path = save_validation_grid(accelerator, pipeline, args, global_step, **(validation_kwargs or {}))
-                logger.info(f"validation grid: {path}")
-            if global_step == global_step_at_start + warmup_updates:
-                timed_from, timed_start = global_step, time.perf_counter()
-            if global_step >= args.max_train_steps:
+    def train_epochs(self, train_dataset, train_dataloader, global_step: int, updates_per_epoch: int, max_steps: int):
+        """Run the updates from ``global_step`` to ``max_steps`` (skipping the batches a resumed epoch already used);
+        returns the last global step."""
+        config, accelerator = self.config, self.accelerator
+        first_epoch = global_step // updates_per_epoch
+        batches_to_skip = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
+        progress = tqdm(
+            range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        )
+        throughput = _Throughput(global_step, warmup=min(5, max_steps // 2))
+        self.state.global_step = global_step
+        for epoch in range(first_epoch, math.ceil(max_steps / updates_per_epoch)):
+            if global_step >= max_steps:
                 break
-    progress.close()
-    if timed_start is not None and global_step > timed_from:
-        rate = (global_step - timed_from) * images_per_update / (time.perf_counter() - timed_start)
-        logger.info(f"throughput: {rate:.2f} images/s over updates {timed_from + 1}-{global_step}")
+            self.state.epoch = epoch
+            self.model.train()
+            # accelerate does not always pass the epoch on to the dataset, whose crops and flips depend on it
+            train_dataloader.set_epoch(epoch)
+            train_dataset.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == first_epoch and batches_to_skip:
+                batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+            for batch in batches:
+                loss = self.update(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                self.after_update(loss, global_step, progress)
+                throughput.mark(global_step)
+                if global_step >= max_steps:
+                    break
+        progress.close()
+        images_per_update = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        throughput.report(accelerator, global_step, images_per_update)
+        return global_step
+
+    def update(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: its :func:`training_step` loss, backward, and (on a synchronising micro-batch, through
+        accelerate's accumulation) clipping and the optimizer and learning-rate steps."""
+        config, accelerator = self.config, self.accelerator
+        with accelerator.accumulate(self.model):
+            loss = training_step(
+                batch,
+                self.state,
+                self.callbacks,
+                self.encode,
+                generator=self.noise_generator.generator,
+                snr_gamma=config.snr_gamma,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.trainable_parameters, config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def after_update(self, loss: torch.Tensor, global_step: int, progress) -> None:
+        """After optimizer update ``global_step``: EMA, ``on_step_end``, logs, and the checkpoint and grid due."""
+        config, accelerator, state = self.config, self.accelerator, self.state
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters)
+        state.global_step = global_step
+        self.callbacks.on_step_end(state)
+        logs = {"loss": loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0], **state.logs}
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.cur_decay_value
+        state.logs.clear()
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            self.checkpoints.save(accelerator, global_step, self.noise_generator)
+        if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+            pipeline = self.build_pipeline(sampling_model(accelerator, self.model, self.ema))
+            with accelerator.autocast():  # frozen components may be in the mixed-precision dtype
+                path = save_validation_grid(accelerator, pipeline, config, global_step, **self.validation_kwargs)
+            logger.info(f"validation grid: {path}")
+
+
+class _Throughput:
+    """Images per second, timed after the first updates of a run (they pay for allocations and lazy setup)."""
+
+    def __init__(self, first_step: int, warmup: int):
+        self.start_step, self.timed_from, self.started = first_step + warmup, None, None
+
+    def mark(self, global_step: int) -> None:
+        if global_step == self.start_step:
+            self.timed_from, self.started = global_step, time.perf_counter()
+
+    def report(self, accelerator, global_step: int, images_per_update: int) -> None:
+        if self.started is None or global_step <= self.timed_from:
+            return
+        rate = (global_step - self.timed_from) * images_per_update / (time.perf_counter() - self.started)
+        logger.info(f"throughput: {rate:.2f} images/s over updates {self.timed_from + 1}-{global_step}")
         accelerator.log({"train_images_per_second": rate}, step=global_step)
-    accelerator.wait_for_everyone()
-    check_replicas_agree(accelerator, model, callbacks)
-    return model
 
 
-def _head_pruning(args: argparse.Namespace, train_dataset, encode: Callable, ema: EMAModel | None):
+def _head_pruning(config: TrainingConfig, train_dataset, encode: Callable, ema: EMAModel | None):
     """The ``--prune_heads_ratio`` callback, measuring importance on the first ``--prune_importance_images`` images."""
-    count = min(args.prune_importance_images, len(train_dataset))
+    count = min(config.prune_importance_images, len(train_dataset))
     if count < 1:
-        raise ValueError(f"--prune_importance_images must be positive, got {args.prune_importance_images}.")
+        raise ValueError(f"--prune_importance_images must be positive, got {config.prune_importance_images}.")
     # a generator of its own: encoding these images must not move the training noise stream (exact resume)
     clean, forward_kwargs = encode(
-        collate_examples([train_dataset[i] for i in range(count)]), torch.Generator().manual_seed(args.seed)
+        collate_examples([train_dataset[i] for i in range(count)]), torch.Generator().manual_seed(config.seed)
     )
     return HeadPruningCallback(
-        ratio=args.prune_heads_ratio,
+        ratio=config.prune_heads_ratio,
         importance_data=clean.detach(),
         forward_kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in forward_kwargs.items()},
-        prune_at_step=args.prune_at_step,
-        criterion=args.prune_criterion,
-        seed=args.seed,
+        prune_at_step=config.prune_at_step,
+        criterion=config.prune_criterion,
+        seed=config.seed,
         ema=ema,
     )
 
 
 def finish_training(
-    args: argparse.Namespace, accelerator, make_final_pipeline: Callable[[], object], base_model: str | None = None
+    config: TrainingConfig, accelerator, make_final_pipeline: Callable[[], object], base_model: str | None = None
 ) -> None:
     """Save the final pipeline to ``--output_dir`` (and publish it with ``--push_to_hub``), then end the run.
 
@@ -372,22 +478,22 @@ def finish_training(
     ``end_training`` tears the process group down (a process that left early would strand the others).
 
     Args:
-        args (`argparse.Namespace`): the flags of :func:`~diffusers_hold.training_utils.add_training_arguments`.
+        config (`TrainingConfig`): the run's settings.
         accelerator (`accelerate.Accelerator`): the run's accelerator.
         make_final_pipeline (`Callable`): builds the pipeline to save (called on the main process).
         base_model (`str`, *optional*): what the model was fine-tuned from, for the Hub model card.
     """
     if accelerator.is_main_process:
         pipeline = make_final_pipeline()
-        pipeline.save_pretrained(args.output_dir)
-        if args.push_to_hub:
+        pipeline.save_pretrained(config.output_dir)
+        if config.push_to_hub:
             folder = hub.save_for_hub(
                 pipeline,
-                Path(args.output_dir) / "hub",
+                Path(config.output_dir) / "hub",
                 base_model=base_model,
-                repo_id=args.hub_model_id,
+                repo_id=config.hub_model_id,
                 overwrite=True,
             )
-            hub.push_to_hub(folder, args.hub_model_id, token=args.hub_token)
+            hub.push_to_hub(folder, config.hub_model_id, token=config.hub_token)
     accelerator.wait_for_everyone()
     accelerator.end_training()

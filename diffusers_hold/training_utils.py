@@ -3,8 +3,8 @@ training objective itself is in :mod:`diffusers_hold.objective`).
 
 - :class:`CheckpointManager`: ``accelerator.save_state`` into a hidden temporary folder renamed into place once every
   process has written its part, so ``latest`` never picks a half-written checkpoint; pruning to a total limit.
-- :func:`add_training_arguments`, :func:`build_timestep_sampler`, :func:`save_validation_grid`: the flags, the
-  timestep sampler and the validation grids of both scripts.
+- :func:`build_timestep_sampler`, :func:`save_validation_grid`: the timestep sampler and the validation grids of a
+  :class:`~diffusers_hold.training_config.TrainingConfig`.
 - :class:`NoiseGenerator`: a per-process ``torch.Generator`` for noise and timesteps whose state is saved with each
   checkpoint. It is independent of the global RNG (which data loaders also draw from), so a resumed run draws
   exactly what an uninterrupted one draws.
@@ -12,7 +12,6 @@ training objective itself is in :mod:`diffusers_hold.objective`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -24,12 +23,12 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 
 from .mitigations.timestep_sampling import TimestepSampler, get_timestep_sampler
+from .training_config import TrainingConfig
 from .utils import image_grid, replace_path
 
 __all__ = [
     "CheckpointManager",
     "NoiseGenerator",
-    "add_training_arguments",
     "build_timestep_sampler",
     "check_replicas_agree",
     "check_tracker_available",
@@ -153,175 +152,51 @@ class CheckpointManager:
         return self.step_of(checkpoint)
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the flags both training scripts share (diffusers' names where the meaning is the same).
-
-    Args:
-        parser (`argparse.ArgumentParser`): the script's parser.
-    """
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset_name", default=None, help="A save_to_disk folder, a local data folder or a dataset id."
-    )
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--train_data_dir", default=None, help="An imagefolder (with metadata.jsonl for captions).")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--cache_dir", default=None)
-    data.add_argument("--resolution", type=int, default=32)
-    data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
-    data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images (and count them).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
-
-    hold = parser.add_argument_group("HOLD")
-    hold.add_argument("--scheduler", choices=("hold", "ddpm"), default="hold", help="ddpm trains the baseline.")
-    hold.add_argument("--hold_order", type=int, default=3)
-    hold.add_argument("--hold_solver", choices=("euler_maruyama", "sscs", "ddim"), default="sscs")
-
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True)
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--train_batch_size", type=int, default=16)
-    training.add_argument("--num_train_epochs", type=int, default=100)
-    training.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--gradient_checkpointing", action="store_true")
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--lr_scheduler", default="constant", help="A diffusers.optimization scheduler name.")
-    training.add_argument("--lr_warmup_steps", type=int, default=0)
-    training.add_argument("--adam_beta1", type=float, default=0.9)
-    training.add_argument("--adam_beta2", type=float, default=0.999)
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    training.add_argument("--adam_epsilon", type=float, default=1e-8)
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables gradient clipping.")
-    training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is the usual value.")
-    training.add_argument("--use_ema", action="store_true")
-    training.add_argument("--ema_max_decay", type=float, default=0.9999)
-    training.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
-
-    timesteps = parser.add_argument_group("timestep sampling (diffusers_hold.mitigations)")
-    timesteps.add_argument(
-        "--timestep_sampling", choices=("uniform", "snr_interval", "logit_normal"), default="uniform"
-    )
-    timesteps.add_argument("--snr_interval_low", type=float, default=None, help="c_low of the interval.")
-    timesteps.add_argument("--snr_interval_high", type=float, default=None, help="c_high of the interval.")
-    timesteps.add_argument("--snr_interval_confidence", type=float, default=0.95)
-    timesteps.add_argument("--snr_interval_space", choices=("u", "logsnr"), default="u")
-    timesteps.add_argument(
-        "--snr_interval_tails", choices=("renormalize", "clip", "redistribute_uniform"), default="renormalize"
-    )
-    timesteps.add_argument("--timestep_uniform_mixture", type=float, default=0.0)
-    timesteps.add_argument("--timestep_importance_weights", action="store_true")
-    timesteps.add_argument("--logit_normal_mean", type=float, default=0.0)
-    timesteps.add_argument("--logit_normal_std", type=float, default=1.0)
-
-    filters = parser.add_argument_group("loss filters (diffusers_hold.mitigations)")
-    filters.add_argument(
-        "--anti_gradient_control",
-        action="store_true",
-        help="Drop samples whose loss is below the per-timestep loss EMA / --agc_mem_ratio (IET-AGC).",
-    )
-    filters.add_argument("--agc_mem_ratio", type=float, default=2.0)
-    filters.add_argument("--agc_decay", type=float, default=0.8)
-    filters.add_argument(
-        "--agc_num_bins", type=int, default=None, help="Bins of the loss bank (default: num_train_timesteps)."
-    )
-
-    ensemble = parser.add_argument_group("iterative ensemble training (diffusers_hold.mitigations)")
-    ensemble.add_argument(
-        "--ensemble_shards",
-        type=int,
-        default=None,
-        help="Train K shard models per round and average them by data size (IET); sets the number of epochs.",
-    )
-    ensemble.add_argument("--ensemble_rounds", type=int, default=10)
-    ensemble.add_argument("--ensemble_local_epochs", type=int, default=1, help="Epochs of a shard per round.")
-    ensemble.add_argument(
-        "--ensemble_redistribute",
-        type=float,
-        default=0.0,
-        help="Fraction of each shard's most-skipped samples moved to the next shard between rounds (IET-AGC+; "
-        "needs --anti_gradient_control).",
-    )
-
-    pruning = parser.add_argument_group("attention-head pruning (diffusers_hold.mitigations)")
-    pruning.add_argument(
-        "--prune_heads_ratio",
-        type=float,
-        default=None,
-        help="Prune this fraction of the attention heads (0.2 in Ye et al.) after --prune_at_step updates, then "
-        "fine-tune with them held at zero.",
-    )
-    pruning.add_argument("--prune_at_step", type=int, default=0, help="Updates before pruning (0: at the start).")
-    pruning.add_argument(
-        "--prune_criterion",
-        choices=("masking", "taylor", "random"),
-        default="masking",
-        help="Head importance on the small-t loss: exact masking, first-order Taylor, or random heads (a control).",
-    )
-    pruning.add_argument(
-        "--prune_importance_images", type=int, default=32, help="Training images the importance is measured on."
-    )
-
-    output = parser.add_argument_group("checkpoints, validation, logging")
-    output.add_argument("--checkpointing_steps", type=int, default=500)
-    output.add_argument("--checkpoints_total_limit", type=int, default=None)
-    output.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
-    output.add_argument("--validation_steps", type=int, default=None, help="Write a grid of samples every N steps.")
-    output.add_argument("--num_validation_images", type=int, default=16)
-    output.add_argument("--validation_inference_steps", type=int, default=100)
-    output.add_argument("--report_to", default="tensorboard", help='An accelerate tracker, or "none".')
-    output.add_argument("--push_to_hub", action="store_true")
-    output.add_argument("--hub_model_id", default=None)
-    output.add_argument("--hub_token", default=None)
-    return parser
-
-
-def build_timestep_sampler(args: argparse.Namespace, noise_scheduler) -> TimestepSampler:
-    """The timestep sampler chosen by ``--timestep_sampling`` and its flags."""
-    if args.timestep_sampling == "uniform":
+def build_timestep_sampler(config: TrainingConfig, noise_scheduler) -> TimestepSampler:
+    """The timestep sampler chosen by ``config.timestep_sampling`` and its settings."""
+    if config.timestep_sampling == "uniform":
         return get_timestep_sampler("uniform", noise_scheduler)
-    if args.timestep_sampling == "logit_normal":
+    if config.timestep_sampling == "logit_normal":
         return get_timestep_sampler(
             "logit_normal",
             noise_scheduler,
-            mean=args.logit_normal_mean,
-            std=args.logit_normal_std,
-            importance_weights=args.timestep_importance_weights,
+            mean=config.logit_normal_mean,
+            std=config.logit_normal_std,
+            importance_weights=config.timestep_importance_weights,
         )
-    if args.snr_interval_low is None or args.snr_interval_high is None:
+    if config.snr_interval_low is None or config.snr_interval_high is None:
         raise ValueError("--timestep_sampling snr_interval needs --snr_interval_low and --snr_interval_high.")
     return get_timestep_sampler(
         "snr_interval",
         noise_scheduler,
-        c_low=args.snr_interval_low,
-        c_high=args.snr_interval_high,
-        confidence=args.snr_interval_confidence,
-        space=args.snr_interval_space,
-        tails=args.snr_interval_tails,
-        uniform_mixture=args.timestep_uniform_mixture,
-        importance_weights=args.timestep_importance_weights,
+        c_low=config.snr_interval_low,
+        c_high=config.snr_interval_high,
+        confidence=config.snr_interval_confidence,
+        space=config.snr_interval_space,
+        tails=config.snr_interval_tails,
+        uniform_mixture=config.timestep_uniform_mixture,
+        importance_weights=config.timestep_importance_weights,
     )
 
 
-def save_validation_grid(accelerator, pipeline, args: argparse.Namespace, step: int, **pipeline_kwargs) -> Path:
-    """Sample ``--num_validation_images`` with a fixed generator, save a grid under ``<output_dir>/validation`` and
-    log the images to the trackers (main process only).
+def save_validation_grid(accelerator, pipeline, config: TrainingConfig, step: int, **pipeline_kwargs) -> Path:
+    """Sample with a fixed generator (``config.seed``), save a grid under ``<output_dir>/validation`` and log the
+    images to the trackers (main process only).
 
     Args:
         accelerator (`accelerate.Accelerator`): the run's accelerator (for its trackers).
         pipeline (`DiffusionPipeline`): the pipeline to sample with.
-        args (`argparse.Namespace`): the script's arguments.
+        config (`TrainingConfig`): the run's settings (seed, sampling steps, output folder).
         step (`int`): the global step (file name and tracker step).
         **pipeline_kwargs: extra pipeline arguments (e.g. the validation prompt).
     """
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(
-        num_inference_steps=args.validation_inference_steps,
-        generator=torch.Generator().manual_seed(args.seed),
+        num_inference_steps=config.validation_inference_steps,
+        generator=torch.Generator().manual_seed(config.seed),
         **pipeline_kwargs,
     ).images
-    folder = Path(args.output_dir) / "validation"
+    folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.png"
     image_grid(images, padding=2, scale=max(1, 128 // images[0].size[0])).save(path)

@@ -1,5 +1,7 @@
 """Training callbacks: hook order in a tiny real loop, composition rules, weights, and resume through accelerate."""
 
+import argparse
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +17,10 @@ from diffusers_hold.mitigations import (
     TrainingCallback,
     TrainingState,
     UniformTimestepSampler,
+    training_step,
 )
 from diffusers_hold.objective import per_sample_mse
+from diffusers_hold.training_config import TrainingConfig, add_training_arguments
 
 BATCH = 4
 TINY_UNET = {
@@ -294,3 +298,72 @@ def test_resume_through_accelerate_repeats_the_uninterrupted_run(tmp_path, kind)
     ):
         assert torch.equal(t, expected_t) and loss == expected_loss and logs == expected_logs
     assert counter.steps == 6
+
+
+class ConditioningRecorder(TrainingCallback):
+    """Records the hooks training_step runs and scales the conditioning it is given."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def on_batch(self, batch, state):
+        self.record.append("on_batch")
+        return {**batch, "pixel_values": batch["pixel_values"] * 0.5}
+
+    def on_conditioning(self, forward_kwargs, state):
+        self.record.append(("on_conditioning", sorted(forward_kwargs)))
+        return forward_kwargs
+
+    def on_loss(self, per_sample_loss, state):
+        self.record.append("on_loss")
+        return per_sample_loss
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_training_step_is_the_documented_step_written_out_by_hand(snr_gamma):
+    model, scheduler = tiny_setup("ddpm")
+    record = []
+    weighted = SNRIntervalTimestepSampler(scheduler, c_low=0.1, c_high=0.5, importance_weights=True)
+    callbacks = CallbackList([TimestepSamplingCallback(weighted, seed=3), ConditioningRecorder(record)])
+    state = TrainingState(noise_scheduler=scheduler, model=model)
+    seen = []
+
+    def encode(batch, generator):
+        seen.append(generator)
+        return batch["pixel_values"], {}
+
+    generator = torch.Generator().manual_seed(11)
+    batch = {"pixel_values": images(0)}
+    loss = training_step(batch, state, callbacks, encode, generator=generator, snr_gamma=snr_gamma)
+    assert record == ["on_batch", ("on_conditioning", []), "on_loss"] and seen == [generator]
+
+    # the same step by hand: the sampler's seeded draw, noise from a generator in the same state, DDPM noising,
+    # float64 MSE per sample, min(SNR, gamma) / SNR from alphas_cumprod, the importance weights, the mean
+    timesteps, weights = weighted.sample(BATCH, torch.Generator().manual_seed(3))
+    noise = torch.randn(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    abar = scheduler.alphas_cumprod.double()[timesteps]
+    clean = images(0) * 0.5
+    noisy = (abar.sqrt()[:, None, None, None] * clean + (1 - abar).sqrt()[:, None, None, None] * noise).float()
+    with torch.no_grad():
+        output = model(noisy, timesteps).sample.double()
+    expected = (output - noise.double()).square().flatten(1).mean(1)
+    if snr_gamma is not None:
+        snr = abar / (1 - abar)
+        expected = expected * snr.clamp(max=snr_gamma) / snr
+    expected = (expected * weights.double()).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    assert torch.equal(state.timesteps, timesteps) and torch.equal(state.timestep_weights, weights)
+    torch.testing.assert_close(state.model_input, noisy, rtol=1e-5, atol=1e-6)
+    assert loss.requires_grad  # the caller back-propagates it
+
+
+def test_training_config_has_one_field_per_shared_flag_with_the_flags_defaults():
+    parser = add_training_arguments(argparse.ArgumentParser())
+    flags = {action.dest for action in parser._actions if action.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert TrainingConfig.from_args(parser.parse_args(["--output_dir", "out"])) == TrainingConfig(output_dir="out")
+    args = parser.parse_args(["--output_dir", "out", "--resolution", "16", "--use_ema", "--snr_gamma", "5"])
+    args.num_channels = 1  # a script's own flag stays out of the config
+    config = TrainingConfig.from_args(args)
+    assert (config.resolution, config.use_ema, config.snr_gamma, config.train_batch_size) == (16, True, 5.0, 16)
+    assert not hasattr(config, "num_channels")

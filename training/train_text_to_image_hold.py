@@ -42,8 +42,8 @@ from diffusers_hold.mitigations import (
     TextEmbeddingNoise,
     TrainingCallback,
 )
+from diffusers_hold.training_config import TrainingConfig, add_training_arguments
 from diffusers_hold.training_loop import finish_training, load_training_data, make_accelerator, sampling_model, train
-from diffusers_hold.training_utils import add_training_arguments
 
 logger = get_logger(__name__)
 
@@ -135,8 +135,9 @@ def caption_callbacks(args: argparse.Namespace, tokenizer, encode_text) -> list[
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
+    config = TrainingConfig.from_args(args)
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
     pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None)
     unet, noise_scheduler = build_models(args, pipe)
     vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -180,9 +181,9 @@ def main(argv: list[str] | None = None) -> Path:
         scheduler = noise_scheduler if isinstance(noise_scheduler, HOLDScheduler) else pipe.scheduler
         return StableDiffusionPipeline(**{**pipe.components, "unet": model, "scheduler": scheduler})
 
-    train_dataset, train_dataloader = load_training_data(args, accelerator, caption_column=args.caption_column)
+    train_dataset, train_dataloader = load_training_data(config, accelerator, caption_column=args.caption_column)
     unet = train(
-        args,
+        config,
         accelerator,
         model=unet,
         noise_scheduler=noise_scheduler,
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> Path:
         validation_kwargs={"prompt": args.validation_prompts},
         callbacks=caption_callbacks(args, tokenizer, encode_text),
         project_name="train_text_to_image_hold",
-    )
+        hyperparameters=vars(args),
+    ).model
 
     def final_pipeline() -> StableDiffusionPipeline:
         # the saved pipeline keeps full-precision weights, whatever --mixed_precision trained with
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
             trained.unload_lora()
         return build_pipeline(trained.to(torch.float32))
 
-    finish_training(args, accelerator, final_pipeline, base_model=args.pretrained_model_name_or_path)
+    finish_training(config, accelerator, final_pipeline, base_model=args.pretrained_model_name_or_path)
     return output_dir
 
 

@@ -28,8 +28,8 @@ from diffusers.training_utils import EMAModel
 from diffusers_hold import HOLDPipeline, HOLDScheduler, HOLDUNet2DModel
 from diffusers_hold.image_data import check_resolution
 from diffusers_hold.schedulers.scheduling_hold import PROCESS_KEYS
+from diffusers_hold.training_config import TrainingConfig, add_training_arguments
 from diffusers_hold.training_loop import finish_training, load_training_data, make_accelerator, sampling_model, train
-from diffusers_hold.training_utils import add_training_arguments
 
 logger = get_logger(__name__)
 
@@ -83,8 +83,9 @@ def build_pipeline(unet, noise_scheduler):
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
+    config = TrainingConfig.from_args(args)
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
 
     if args.scheduler == "hold":
         noise_scheduler = HOLDScheduler(order=args.hold_order, solver=args.hold_solver, timestep_spacing="quadratic")
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.use_ema:
         ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, model_cls=type(unet), model_config=unet.config)
 
-    train_dataset, train_dataloader = load_training_data(args, accelerator, num_channels=args.num_channels)
+    train_dataset, train_dataloader = load_training_data(config, accelerator, num_channels=args.num_channels)
     unet = train(
-        args,
+        config,
         accelerator,
         model=unet,
         noise_scheduler=noise_scheduler,
@@ -111,8 +112,11 @@ def main(argv: list[str] | None = None) -> Path:
         ema=ema,
         validation_kwargs={"batch_size": args.num_validation_images},
         project_name="train_unconditional_hold",
+        hyperparameters=vars(args),
+    ).model
+    finish_training(
+        config, accelerator, lambda: build_pipeline(sampling_model(accelerator, unet, ema), noise_scheduler)
     )
-    finish_training(args, accelerator, lambda: build_pipeline(sampling_model(accelerator, unet, ema), noise_scheduler))
     return output_dir
 
 

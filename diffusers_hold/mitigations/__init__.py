@@ -21,7 +21,7 @@ Inference-time guidance (:mod:`.guidance`): :func:`delayed_guidance`, :func:`opp
 ``docs/MEMORIZATION.md``, "Training-time mitigations" and "Inference-time mitigations".
 """
 
-from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState
+from .callbacks import CallbackList, TimestepSamplingCallback, TrainingCallback, TrainingState, training_step
 from .captions import CAPTION_RANDOMIZATIONS, CaptionRandomization, TextEmbeddingNoise, randomize_caption
 from .ensemble import IterativeEnsembleTraining, ShardedDataset
 from .guidance import AMGStep, AntiMemorizationGuidance, GuidanceSchedule, delayed_guidance, opposite_guidance
@@ -90,6 +90,7 @@ __all__ = [
     "random_heads",
     "randomize_caption",
     "sample_small_t",
+    "training_step",
     "value_neuron_activations",
     "value_neuron_z_scores",
 ]

@@ -1,59 +1,61 @@
-"""One callback protocol for training-time mitigations (timestep sampling, loss filters, batch edits, ...).
+"""One callback protocol for training-time mitigations (timestep sampling, loss filters, batch edits, ...), and the
+training step that calls it.
 
-A :class:`TrainingCallback` overrides some of five hooks; a :class:`CallbackList` composes callbacks and is what a
-training loop calls. The order of one training step, for any model and scheduler (DDPM-style or HOLD)::
+A :class:`TrainingCallback` overrides some of five hooks; a :class:`CallbackList` composes callbacks; and
+:func:`training_step` forms one micro-batch's loss through them, the same way for any model and scheduler
+(DDPM-style or HOLD). Both loops of the project call it (the training scripts' ``diffusers_hold.training_loop`` and
+the benchmark); your own loop does the optimisation around it::
 
     from diffusers_hold.mitigations import (
-        CallbackList, TimestepSamplingCallback, TrainingState, get_timestep_sampler, per_sample_mse
+        CallbackList, TimestepSamplingCallback, TrainingState, get_timestep_sampler, training_step
     )
 
     sampler = get_timestep_sampler("snr_interval", noise_scheduler, c_low=0.05, c_high=0.45)
-    callbacks = CallbackList([TimestepSamplingCallback(sampler, seed=args.seed)])
+    callbacks = CallbackList([TimestepSamplingCallback(sampler, seed=seed)])
     accelerator.register_for_checkpointing(callbacks)  # before accelerator.load_state(...)
     state = TrainingState(noise_scheduler=noise_scheduler, model=unet, accelerator=accelerator)
+
+    def encode(batch, generator):  # clean model input and extra forward arguments, e.g. VAE latents and text states
+        return batch["pixel_values"], {}
 
     for epoch in range(first_epoch, num_train_epochs):
         state.epoch = epoch
         for batch in train_dataloader:
             with accelerator.accumulate(unet):
-                batch = callbacks.on_batch(batch, state)                               # 1. edit the batch
-                clean, forward_kwargs = encode(batch)  # e.g. VAE latents, {"encoder_hidden_states": ...}
-                forward_kwargs = callbacks.on_conditioning(forward_kwargs, state)      # 2. edit the conditioning
-                timesteps, weights = callbacks.sample_timesteps(len(clean), state)  # 3. uniform if none supplies
-                noise = torch.randn_like(clean)  # HOLD: order * C channels, target = get_target(noise)
-                noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                model_output = unet(noisy, timesteps, **forward_kwargs).sample         # 4. forward
-                state.set_forward(noisy, forward_kwargs, model_output)  # for loss filters that re-run the model
-                per_sample_loss = per_sample_mse(model_output, noise)                 # 5. shape (batch,)
-                loss = callbacks.on_loss(per_sample_loss, state)                      # 6. weighted scalar
-                accelerator.backward(loss)                                            # 7. backward, step
+                loss = training_step(batch, state, callbacks, encode, generator=generator)  # hooks 1-4
+                accelerator.backward(loss)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 state.global_step += 1
-                callbacks.on_step_end(state)                                          # 8. once per update
-                progress_bar.set_postfix(loss=loss.item(), **state.logs)
-                accelerator.log(state.logs, step=state.global_step)
+                callbacks.on_step_end(state)                                   # 5. once per optimizer update
+                accelerator.log({"loss": loss.item(), **state.logs}, step=state.global_step)
                 state.logs.clear()
                 # then checkpointing: accelerator.save_state(...) stores the callbacks' state_dict
 
-``state.timesteps`` and ``state.timestep_weights`` hold the current micro-batch's draw for the hooks that run after
-it (``on_loss``, e.g. a per-timestep loss filter); ``state.model_input``, ``state.forward_kwargs`` and
-``state.model_output`` (detached) hold the forward pass, for filters that compare it with another one.
+Inside :func:`training_step`: ``on_batch`` (1. edit the batch), ``encode``, ``on_conditioning`` (2. edit the
+conditioning), ``sample_timesteps`` (3. timesteps and weights; uniform if no callback supplies them), the noising
+and target of :func:`~diffusers_hold.objective.noisy_input_and_target`, the forward pass, the per-sample loss
+(:func:`~diffusers_hold.objective.per_sample_mse`, optionally min-SNR weighted) and ``on_loss`` (4. filters and
+weights, then the mean). ``state.timesteps`` and ``state.timestep_weights`` hold the current micro-batch's draw for
+the hooks that run after it (``on_loss``, e.g. a per-timestep loss filter); ``state.model_input``,
+``state.forward_kwargs`` and ``state.model_output`` (detached) hold the forward pass, for filters that compare it
+with another one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..objective import min_snr_loss_weights, noisy_input_and_target, per_sample_mse, signal_to_noise
 from .timestep_sampling import TimestepSampler, UniformTimestepSampler
 
-__all__ = ["CallbackList", "TimestepSamplingCallback", "TrainingCallback", "TrainingState"]
+__all__ = ["CallbackList", "TimestepSamplingCallback", "TrainingCallback", "TrainingState", "training_step"]
 
 
 @dataclass
@@ -360,3 +362,51 @@ class TimestepSamplingCallback(TrainingCallback):
             )
         if self.generator is not None:
             self.generator.set_state(state_dict["generator_state"])
+
+
+def training_step(
+    batch: dict,
+    state: TrainingState,
+    callbacks: CallbackList,
+    encode: Callable[[dict, torch.Generator | None], tuple[torch.Tensor, dict]],
+    *,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The loss of one micro-batch, formed through the callbacks (see the module docstring for the loop around it).
+
+    In order: ``callbacks.on_batch``; ``encode(batch, generator)`` -> the clean model input and the extra forward
+    arguments; ``callbacks.on_conditioning``; ``callbacks.sample_timesteps``; the noisy input and the target of
+    :func:`~diffusers_hold.objective.noisy_input_and_target` (noise from ``generator``); ``state.model(noisy,
+    timesteps, **forward_kwargs)``, recorded with :meth:`TrainingState.set_forward`; the per-sample MSE, times the
+    min-SNR-gamma weights with ``snr_gamma``; and ``callbacks.on_loss``, which filters, applies the timesteps'
+    importance weights and averages. Backward and the optimizer step are the caller's.
+
+    Args:
+        batch (`dict`): the data loader's batch.
+        state (`TrainingState`): the loop's state; ``state.model`` (as prepared by accelerate, if it is used) and
+            ``state.noise_scheduler`` are trained with.
+        callbacks (`CallbackList`): the run's callbacks.
+        encode (`Callable`): ``(batch, generator)`` -> (clean model-space tensor `(B, C, H, W)`, extra forward
+            keyword arguments such as ``{"encoder_hidden_states": ...}``); its random draws (e.g. VAE latent
+            sampling) should come from ``generator`` for an exact resume.
+        generator (`torch.Generator`, *optional*): source of the noise and of ``encode``'s draws (a CPU generator
+            whose state the loop checkpoints); the global RNG without one.
+        snr_gamma (`float`, *optional*): min-SNR-gamma weighting of the per-sample losses (Hang et al. 2023).
+
+    Returns:
+        `torch.Tensor`: the scalar loss to back-propagate.
+    """
+    batch = callbacks.on_batch(batch, state)
+    clean, forward_kwargs = encode(batch, generator)
+    forward_kwargs = callbacks.on_conditioning(forward_kwargs, state)
+    timesteps, _ = callbacks.sample_timesteps(len(clean), state)
+    model_input, target = noisy_input_and_target(state.noise_scheduler, clean, timesteps, generator)
+    model_output = state.model(model_input, timesteps, **forward_kwargs).sample
+    state.set_forward(model_input, forward_kwargs, model_output)
+    per_sample_loss = per_sample_mse(model_output, target)
+    if snr_gamma is not None:
+        prediction_type = getattr(state.noise_scheduler.config, "prediction_type", "epsilon")
+        snr = signal_to_noise(state.noise_scheduler, timesteps)
+        per_sample_loss = per_sample_loss * min_snr_loss_weights(snr, snr_gamma, prediction_type)
+    return callbacks.on_loss(per_sample_loss, state)
