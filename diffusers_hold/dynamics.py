@@ -55,18 +55,31 @@ class LinearStep:
 
     ``z`` is the state with its blocks on a leading axis of size ``n``, ``eps_hat`` the model's prediction of the last
     block's noise and ``noise`` standard normal in every block. Every sampler of this module, and the final denoising
-    step, has this form because the dynamics are linear and the model enters only through ``eps_hat``.
+    step, has this form because the dynamics are linear and the model enters only through ``eps_hat``. Multistep
+    solvers read the model through its denoised estimates instead: they add ``sum_j data_vectors[j] * x0_hat_j``
+    (``x0_hat_0`` from the current model call, ``x0_hat_j`` from the ``j``-th previous one), or, interpolating the
+    noise, ``data_vectors[0] * x0_hat_0 + sum_j history_matrices[j - 1] @ y~_j``.
 
     Attributes:
         state_matrix (`torch.Tensor` of shape `(..., n, n)`): linear map of the current state.
         eps_vector (`torch.Tensor` of shape `(..., n)`): how the predicted noise enters each block.
         noise_matrix (`torch.Tensor` of shape `(..., n, n)` or `None`): square root of the injected noise covariance;
             `None` for a deterministic step.
+        data_vectors (`torch.Tensor` of shape `(..., k, n)` or `None`): how the denoised estimates of the current and
+            the ``k - 1`` previous model calls enter each block; `None` for a step that reads ``eps_hat`` only.
+        history_matrices (`torch.Tensor` of shape `(..., k - 1, n, n)` or `None`): for the noise-interpolating
+            multistep form, how the noise parts ``y~_j`` of the ``k - 1`` previous model calls (carried to the current
+            time) enter: ``z' += history_matrices[j - 1] @ y~_j``.
+        transport (`torch.Tensor` of shape `(..., n, n)` or `None`): the map that carries a noise part from this
+            step's start to its end, ``y~ <- transport @ y~``; the current call's noise part is ``z - a_t x0_hat``.
     """
 
     state_matrix: torch.Tensor
     eps_vector: torch.Tensor
     noise_matrix: torch.Tensor | None
+    data_vectors: torch.Tensor | None = None
+    history_matrices: torch.Tensor | None = None
+    transport: torch.Tensor | None = None
 
 
 def _as_time(t: torch.Tensor | float) -> torch.Tensor:
@@ -201,9 +214,68 @@ class HOLDDynamics:
         info = (precision_a * a).sum(-1)
         return precision_a / info[..., None], 1.0 / info
 
+    def auxiliary_given_position(
+        self, t: torch.Tensor | float, data_variance: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Law of the auxiliary blocks given the position block under the forward marginal at ``t``.
+
+        For data whose elements have mean 0 and variance ``v`` (``data_variance``) and are independent, every element
+        of the state ``z_t = a_t x_0 + L_t eps`` has mean 0 and covariance ``C_t = v a_t a_t^T + Sigma_t``.
+        Conditioning on the position ``q = z_1`` gives ``(z_2, ..., z_n) | q ~ N(g_t q, S_t)`` with
+        ``g_t = C_t[2:, 1] / C_t[1, 1]`` and the Schur complement ``S_t = C_t[2:, 2:] - g_t C_t[1, 2:]``. Exact for
+        Gaussian data of that law; for other data it is the Gaussian law with the same first two moments.
+
+        Args:
+            t: continuous times, any shape ``(...)``.
+            data_variance (`float`, defaults to 1.0): ``v``, the variance of one data element (1 for standardised
+                data such as Stable Diffusion's scaled latents).
+
+        Returns:
+            `tuple`: ``g_t`` of shape ``(..., n - 1)`` and the lower Cholesky factor of ``S_t``, shape
+            ``(..., n - 1, n - 1)``, so that ``aux = g_t q + chol_t eps`` with ``eps`` standard normal.
+        """
+        if not (isinstance(data_variance, (int, float)) and math.isfinite(data_variance) and data_variance >= 0):
+            raise ValueError(f"data_variance must be a non-negative finite number, got {data_variance!r}.")
+        a = self.mean_coefficients(t)
+        joint = data_variance * a[..., :, None] * a[..., None, :] + self.covariance(t)
+        gain = joint[..., 1:, 0] / joint[..., :1, 0]
+        schur = joint[..., 1:, 1:] - gain[..., :, None] * joint[..., None, 0, 1:]
+        return gain, _jacobi_cholesky(schur, "conditional covariance of the auxiliary blocks")
+
     def snr(self, t: torch.Tensor | float) -> torch.Tensor:
         """Signal-to-noise ratio of the position marginal: ``SNR(t) = (a_t[1])^2 / Sigma_t[1, 1]``, shape ``(...)``."""
         return self.mean_coefficients(t)[..., 0] ** 2 / self.covariance(t)[..., 0, 0]
+
+    def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``log(a_t[1]^2 / Sigma_t[1, 1])`` without the ``eps_num`` jitter, shape ``(...)``.
+
+        The variable in which the multistep solver interpolates denoised estimates. At order 1 it is the VP
+        ``log(alpha_bar / (1 - alpha_bar))`` (twice DPM-Solver's ``lambda``); at every order it decreases strictly on
+        ``(0, T]`` and grows like ``2 log(1 / t)`` as ``t -> 0``, where the jittered :meth:`snr` would saturate at
+        ``1 / eps_num``.
+        """
+        t = _as_time(t)
+        expm = self.transition(t)
+        position_var = self.noise_covariance(t)[..., 0, 0]
+        position_var = position_var + (expm[..., 0, :] ** 2 * torch.diagonal(self.initial_covariance)).sum(-1)
+        return 2.0 * torch.log(expm[..., 0, 0].abs()) - torch.log(position_var)
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
+        """The times in ``[t_min, t_max]`` at which :meth:`log_snr` takes the given values (bisection in ``log t``).
+
+        Values outside ``[log_snr(t_max), log_snr(t_min)]`` raise. Accurate to ``1e-12`` relative in ``t``.
+        """
+        target = torch.as_tensor(log_snr, dtype=_F64)
+        high, low = self.log_snr(torch.tensor(t_min, dtype=_F64)), self.log_snr(torch.tensor(t_max, dtype=_F64))
+        if (target > high + 1e-9).any() or (target < low - 1e-9).any():
+            raise ValueError(f"log-SNR values must lie in [{float(low):.4g}, {float(high):.4g}].")
+        left = torch.full_like(target, math.log(t_min))
+        right = torch.full_like(target, math.log(t_max))
+        for _ in range(60):  # the log-SNR decreases in t: above the target means the time is still too small
+            middle = 0.5 * (left + right)
+            too_early = self.log_snr(middle.exp()) > target
+            left, right = torch.where(too_early, middle, left), torch.where(too_early, right, middle)
+        return (0.5 * (left + right)).exp()
 
     # ---------------------------------------------------------------------------------------- sampler coefficients
     def euler_maruyama_step(self, t: torch.Tensor | float, t_next: torch.Tensor | float) -> LinearStep:
@@ -246,27 +318,32 @@ class HOLDDynamics:
         noise = _jacobi_cholesky(self.noise_covariance(h_free, adjoint=True), "SSCS free-flow noise covariance")
         return LinearStep(free @ kick, (free @ kick_eps[..., None])[..., 0], noise)
 
-    def _flow_generator(self, t: torch.Tensor) -> torch.Tensor:
-        """``F + 1/2 G G^T Sigma_t^{-1}``, the generator of the probability-flow transport, shape ``(..., n, n)``."""
-        n = self.order
-        e_n = torch.zeros(*t.shape, n, 1, dtype=_F64)
+    def _precision_row(self, t: torch.Tensor) -> torch.Tensor:
+        """``Sigma_t^{-1} e_n``, shape ``(..., n)``: the only part of the precision that ``G G^T`` reaches."""
+        e_n = torch.zeros(*t.shape, self.order, 1, dtype=_F64)
         e_n[..., -1, 0] = 1.0
-        precision_row = torch.cholesky_solve(e_n, self.cholesky(t))[..., 0]
+        return torch.cholesky_solve(e_n, self.cholesky(t))[..., 0]
+
+    def _flow_generator(self, t: torch.Tensor, score_weight: float = 0.5) -> torch.Tensor:
+        """``F + w G G^T Sigma_t^{-1}``, shape ``(..., n, n)``.
+
+        With the score written as ``-Sigma_t^{-1} (z - a_t x0_hat)``, the reverse dynamics
+        ``dz = [F z - w G G^T score] dt (+ noise)`` are linear in ``z`` with this generator; ``w = 1/2`` is the
+        probability-flow ODE (gDDIM's transport), ``w = (1 + eta^2) / 2`` the reverse SDE family of
+        :meth:`exponential_step`.
+        """
+        n = self.order
         generator = self.drift_matrix.expand(*t.shape, n, n).clone()
-        generator[..., -1, :] += 0.5 * self.diffusion_sq * precision_row
+        generator[..., -1, :] += score_weight * self.diffusion_sq * self._precision_row(t)
         return generator
 
-    def transport(self, t: torch.Tensor | float, t_next: torch.Tensor | float, substeps_per_unit: float = 48.0):
-        """``Phi = R_{t_next} R_t^{-1}``: the probability-flow transport of the kernel for a fixed ``x_0``.
+    def _magnus_propagator(self, generator, t: torch.Tensor, t_next: torch.Tensor, substeps_per_unit: float):
+        """Propagator from ``t`` to ``t_next`` of ``dy/dt = generator(t) y`` (fourth-order Magnus).
 
-        ``R`` solves gDDIM's ``dR/dt = (F + 1/2 G G^T Sigma_t^{-1}) R``, so ``z - a x_0 = R eps_R`` with ``eps_R``
-        constant along the flow of a single data point. Integrated with the fourth-order Magnus method (two Gauss
-        points, one exact ``matrix_exp`` per substep: stable for the stiff ``Sigma_t^{-1}`` near ``t = 0``) on
-        substeps uniform in ``log(t + 0.01)``, ``substeps_per_unit`` per unit of that variable. The result is then
-        projected so that ``Phi Sigma_t Phi^T = Sigma_{t_next}`` holds exactly: ``Phi = L_{t_next} Q L_t^{-1}`` with
-        ``Q`` orthogonal, and the projection replaces ``Q`` by its polar factor.
+        Two Gauss points and one exact ``matrix_exp`` per substep (stable for the stiff ``Sigma_t^{-1}`` near
+        ``t = 0``), substeps uniform in ``log(t + 0.01)``, ``substeps_per_unit`` per unit of that variable.
+        ``generator`` maps times of shape ``(..., S)`` to matrices ``(..., S, d, d)``.
         """
-        t, t_next = torch.broadcast_tensors(_as_time(t), _as_time(t_next))
         offset = 0.01
         u0, u1 = torch.log(t + offset), torch.log(t_next + offset)
         substeps = max(2, math.ceil(substeps_per_unit * float((u1 - u0).abs().max())))
@@ -274,15 +351,27 @@ class HOLDDynamics:
         knots = torch.exp(u0[..., None] + (u1 - u0)[..., None] * fractions) - offset  # (..., substeps + 1)
         left, width = knots[..., :-1], (knots[..., 1:] - knots[..., :-1])
         gauss = 0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6
-        a1 = self._flow_generator(left + gauss[0] * width)
-        a2 = self._flow_generator(left + gauss[1] * width)
+        a1 = generator(left + gauss[0] * width)
+        a2 = generator(left + gauss[1] * width)
         h = width[..., None, None]
         omega = 0.5 * h * (a1 + a2) + (math.sqrt(3) / 12) * h**2 * (a2 @ a1 - a1 @ a2)
         steps = torch.linalg.matrix_exp(omega)
-        n = self.order
-        phi = torch.eye(n, dtype=_F64).expand(*t.shape, n, n)
+        d = steps.shape[-1]
+        propagator = torch.eye(d, dtype=_F64).expand(*t.shape, d, d)
         for j in range(substeps):
-            phi = steps[..., j, :, :] @ phi
+            propagator = steps[..., j, :, :] @ propagator
+        return propagator
+
+    def transport(self, t: torch.Tensor | float, t_next: torch.Tensor | float, substeps_per_unit: float = 48.0):
+        """``Phi = R_{t_next} R_t^{-1}``: the probability-flow transport of the kernel for a fixed ``x_0``.
+
+        ``R`` solves gDDIM's ``dR/dt = (F + 1/2 G G^T Sigma_t^{-1}) R``, so ``z - a x_0 = R eps_R`` with ``eps_R``
+        constant along the flow of a single data point; integrated by :meth:`_magnus_propagator`. The result is then
+        projected so that ``Phi Sigma_t Phi^T = Sigma_{t_next}`` holds exactly: ``Phi = L_{t_next} Q L_t^{-1}`` with
+        ``Q`` orthogonal, and the projection replaces ``Q`` by its polar factor.
+        """
+        t, t_next = torch.broadcast_tensors(_as_time(t), _as_time(t_next))
+        phi = self._magnus_propagator(self._flow_generator, t, t_next, substeps_per_unit)
         chol_t, chol_next = self.cholesky(t), self.cholesky(t_next)
         core = torch.linalg.solve_triangular(chol_next, phi @ chol_t, upper=False)
         u_left, _, v_right = torch.linalg.svd(core)
@@ -301,6 +390,135 @@ class HOLDDynamics:
         residual = self.mean_coefficients(t_next) - (phi @ self.mean_coefficients(t)[..., None])[..., 0]
         gain = residual / c[..., None]
         return LinearStep(phi + gain[..., :, None] * ell[..., None, :], -gain, None)
+
+    def exponential_step(
+        self,
+        t: torch.Tensor | float,
+        t_next: torch.Tensor | float,
+        history_times: torch.Tensor,
+        prediction: str = "noise",
+        eta: float = 0.0,
+        substeps_per_unit: float = 64.0,
+    ) -> LinearStep:
+        """Multistep exponential-integrator step (DPM-Solver / DPM-Solver++ / gDDIM, generalised to HOLD).
+
+        With the score written as ``-Sigma_t^{-1} (z - a_t x0_hat)``, the reverse dynamics with noise scale ``eta``,
+        ``dz = [F z - w G G^T score] dt + eta G dW`` (reverse time, ``w = (1 + eta^2) / 2``), are linear in the state
+        apart from the model's estimate. ``eta = 0`` is the probability-flow ODE, ``eta = 1`` the reverse SDE. The step
+        integrates the linear part exactly and the model's part with the estimates of the ``k`` most recent model calls
+        interpolated by a polynomial in :meth:`log_snr` (Lagrange basis ``l_j``), the coefficients coming out of one
+        fourth-order Magnus integration of the linear system augmented with the polynomial moments, in float64.
+
+        ``prediction="noise"`` (gDDIM's R-basis multistep; ``eta = 0`` only) interpolates the noise part
+        ``y = z - a x0_hat``, the quantity that stays constant along the flow of a single data point once expressed in
+        the basis ``R_t`` of ``dR/dt = (F + 1/2 G G^T Sigma_t^{-1}) R``. Earlier noise parts are carried to the
+        current time by the transport ``Phi`` (:meth:`transport`'s flow), ``y~_j = Phi(t, t_j) y_j``, and::
+
+            z' = e^{F h} z + sum_j M_j y~_j,
+            M_j = int_t^{t_next} e^{F (t_next - s)} 1/2 G G^T Sigma_s^{-1} Phi(s, t) l_j(s) ds
+
+        As a :class:`LinearStep`: ``state_matrix = e^{F h} + M_0``, ``data_vectors = [-M_0 a_t]`` (the current
+        ``x0_hat``), ``history_matrices = [M_1, ...]`` and ``transport = Phi(t_next, t)``.
+
+        ``prediction="data"`` (DPM-Solver++) interpolates ``x0_hat`` itself in ``dz/dt = A z + b x0_hat`` with
+        ``A = F + w G G^T Sigma^{-1}`` and ``b = -w G G^T Sigma^{-1} a``::
+
+            z' = Phi_A z + sum_j W_j x0_hat_j + noise,   W_j = int_t^{t_next} Phi_A(t_next, s) b(s) l_j ds
+
+        and, for ``eta > 0``, noise of covariance ``Sigma_{t_next} - Phi_A Sigma_t Phi_A^T``, which keeps the kernel's
+        covariance exactly.
+
+        With one node (``k = 1``) either form is exact when ``x0_hat`` is constant (a single data point). At HOLD order
+        1 they are DPM-Solver (``"noise"``), DPM-Solver++ (``"data"``, ``eta = 0``) and SDE-DPM-Solver++ (``"data"``,
+        ``eta = 1``), with the exact polynomial integrals of diffusers' ``solver_type="heun"``.
+
+        Args:
+            t, t_next: start and end times of the step, shape ``(...)``.
+            history_times (`torch.Tensor` of shape `(..., k)`): times of the model calls whose estimates are
+                interpolated, the current one (``t``) first.
+            prediction (`str`): ``"noise"`` or ``"data"``, the quantity interpolated.
+            eta (`float`): noise scale in ``[0, 1]`` (``"data"`` only).
+            substeps_per_unit (`float`): Magnus substeps per unit of ``log(t + 0.01)``.
+        """
+        if prediction not in ("noise", "data"):
+            raise ValueError(f"prediction must be 'noise' or 'data', got {prediction!r}.")
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0) or (prediction == "noise" and eta != 0):
+            raise ValueError(f"eta must lie in [0, 1], and be 0 for prediction='noise'; got {eta!r}.")
+        t, t_next = torch.broadcast_tensors(_as_time(t), _as_time(t_next))
+        history = _as_time(history_times)
+        if history.shape[:-1] != t.shape or not torch.equal(history[..., 0], t):
+            raise ValueError("history_times must have shape (..., k) with the current time t first.")
+        n, k = self.order, history.shape[-1]
+        lam_t = self.log_snr(t)
+        span = self.log_snr(t_next) - lam_t
+        nodes = (self.log_snr(history) - lam_t[..., None]) / span[..., None]  # 0 for the current call
+        powers = torch.arange(k, dtype=_F64)
+        # Lagrange basis l_j(u) = sum_m C[m, j] u^m, C the inverse of the Vandermonde matrix V[j, m] = nodes_j^m
+        lagrange = torch.linalg.inv(nodes[..., :, None] ** powers)
+
+        def monomials(s: torch.Tensor) -> torch.Tensor:
+            """``u(s)^m`` for ``m < k``, ``u`` the log-SNR normalised to 0 at ``t`` and 1 at ``t_next``."""
+            return ((self.log_snr(s) - lam_t[..., None]) / span[..., None])[..., None] ** powers
+
+        if prediction == "data":
+            weight = 0.5 * (1.0 + eta**2)
+
+            def data_generator(s: torch.Tensor) -> torch.Tensor:
+                # d/ds [z; c] = [[A, b u^T], [0, 0]] [z; c]: the top-right block accumulates int Phi_A b u^m
+                forcing = -weight * self.diffusion_sq * (self._precision_row(s) * self.mean_coefficients(s)).sum(-1)
+                moments = torch.zeros(*s.shape, n, k, dtype=_F64)
+                moments[..., -1, :] = forcing[..., None] * monomials(s)
+                top = torch.cat([self._flow_generator(s, weight), moments], dim=-1)
+                return torch.cat([top, torch.zeros(*s.shape, k, n + k, dtype=_F64)], dim=-2)
+
+            propagator = self._magnus_propagator(data_generator, t, t_next, substeps_per_unit)
+            phi = propagator[..., :n, :n]
+            data_vectors = (propagator[..., :n, n:] @ lagrange).transpose(-1, -2)
+            noise = None if eta == 0 else self._residual_noise(phi, t, t_next)
+            return LinearStep(phi, torch.zeros(*t.shape, n, dtype=_F64), noise, data_vectors)
+
+        def noise_generator(s: torch.Tensor) -> torch.Tensor:
+            # d/ds [Phi; W_0; ...] = [[A, 0], [B u^m, F]] [Phi; W_0; ...]: W_m = int e^{F (s - r)} B u^m Phi(r, t) dr
+            generator = torch.zeros(*s.shape, n * (k + 1), n * (k + 1), dtype=_F64)
+            generator[..., :n, :n] = self._flow_generator(s)
+            kick = torch.zeros(*s.shape, n, n, dtype=_F64)
+            kick[..., -1, :] = 0.5 * self.diffusion_sq * self._precision_row(s)
+            u_powers = monomials(s)
+            for m in range(k):
+                rows = slice(n * (m + 1), n * (m + 2))
+                generator[..., rows, :n] = kick * u_powers[..., m, None, None]
+                generator[..., rows, rows] = self.drift_matrix
+            return generator
+
+        propagator = self._magnus_propagator(noise_generator, t, t_next, substeps_per_unit)[..., :, :n]
+        phi = propagator[..., :n, :]
+        moments = propagator[..., n:, :].reshape(*t.shape, k, n, n)
+        weights = torch.einsum("...mab,...mj->...jab", moments, lagrange)  # M_j
+        free = self.transition(t_next - t)
+        current_data = -(weights[..., 0, :, :] @ self.mean_coefficients(t)[..., None])[..., 0]
+        return LinearStep(
+            free + weights[..., 0, :, :],
+            torch.zeros(*t.shape, n, dtype=_F64),
+            None,
+            current_data[..., None, :],
+            history_matrices=weights[..., 1:, :, :],
+            transport=phi,
+        )
+
+    def _residual_noise(self, phi: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Square root of ``Sigma_{t_next} - Phi Sigma_t Phi^T``, the noise that keeps the kernel covariance.
+
+        Computed in the whitened basis ``I - K K^T``, ``K = L_{t_next}^{-1} Phi L_t``. Eigenvalues below zero by more
+        than rounding mean ``Phi`` does not contract the covariance (the step is not a valid SDE step) and raise.
+        """
+        chol_t, chol_next = self.cholesky(t), self.cholesky(t_next)
+        whitened = torch.linalg.solve_triangular(chol_next, phi @ chol_t, upper=False)
+        eye = torch.eye(self.order, dtype=_F64)
+        values, vectors = torch.linalg.eigh(eye - whitened @ whitened.transpose(-1, -2))
+        if (values < -1e-8).any():
+            raise ValueError(f"The exponential step's noise covariance is not positive ({float(values.min()):.3g}).")
+        root = vectors @ torch.diag_embed(values.clamp_min(0.0).sqrt()) @ vectors.transpose(-1, -2)
+        return chol_next @ root
 
     def denoise_step(self, t: torch.Tensor | float) -> LinearStep:
         """Noise-free final step: one Euler step of the reverse SDE from ``t`` to 0 without injected noise.

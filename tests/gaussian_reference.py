@@ -97,28 +97,71 @@ def sample_with_exact_score(data: GaussianData, num_inference_steps: int, num_sa
 def exact_sampler_law(data: GaussianData, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the final state of the discretised sampler, with no Monte Carlo error.
 
-    With Gaussian data and the exact model, every solver step is affine in the state plus Gaussian noise, so the
-    law of the sampler's output is Gaussian and its moments propagate exactly through the scheduler's per-step
-    coefficients (``z' = M z + v eps_hat + S xi``, acting block-wise on ``C`` channels).
+    With Gaussian data and the exact model, every solver step is affine in the state, the model's predictions and
+    Gaussian noise (``z' = M z + v eps_hat + sum_j D_j x0_hat_j + sum_j H_j y_j + S xi``, acting block-wise on ``C``
+    channels), and the predictions are affine in the state, so the law of the sampler's output is Gaussian and its
+    moments propagate exactly through the scheduler's per-step coefficients. What a multistep solver keeps of its
+    earlier calls (denoised estimates ``x0_hat_j``, or noise parts ``y_j`` carried by ``transport``) is propagated as
+    extra coordinates. ``x0_hat`` is the exact posterior mean ``E[x_0 | z]`` of the data law, computed here
+    independently of the scheduler.
     """
     sched = data.scheduler
     sched.set_timesteps(num_inference_steps)
     c = data.channels
     eye = np.eye(c)
     n = sched.config.order
-    mean = np.zeros(n * c)
-    cov = sched.config.L_inv * np.eye(n * c)
-    steps = sched._steps
+    forms = (sched._steps, *sched._multistep_steps)
+    noise_form = sched._steps.transport is not None
+    slot = n * c if noise_form else c  # size of one kept item
+    slots = len(forms) - 1
+    d = n * c
+    size = d + slots * slot
+    mean = np.zeros(size)
+    cov = np.zeros((size, size))
+    cov[:d, :d] = sched.config.L_inv * np.eye(d)
+
+    def embed(matrix: np.ndarray) -> np.ndarray:  # a map of z alone as a map of the whole vector
+        full = np.zeros((matrix.shape[0], size))
+        full[:, :d] = matrix
+        return full
+
     for i, timestep in enumerate(sched.timesteps):
         t = float(sched.timestep_to_time(timestep))
         mu, marginal_cov = data.marginal(t)
-        _, sigma = data.kernel(t)
-        gain = np.linalg.cholesky(sigma)[-1, -1] * np.linalg.inv(marginal_cov)[-c:]  # eps_hat = W (z - mu)
+        a, sigma = data.kernel(t)
+        precision = np.linalg.inv(marginal_cov)
+        gain = np.linalg.cholesky(sigma)[-1, -1] * precision[-c:]  # eps_hat = gain (z - mu)
+        posterior = np.kron(a[None, :], data.cov) @ precision
+        x0_map, x0_offset = embed(posterior), data.mean - posterior @ mu  # x0_hat = E[x0 | z], affine
+        steps = forms[min(i, slots)]
+        kept = [(np.eye(slot, size, d + j * slot), np.zeros(slot)) for j in range(min(i, slots))]
         eps_vector = np.kron(steps.eps_vector[i].numpy()[:, None], eye)  # (n C, C)
-        transition = np.kron(steps.state_matrix[i].numpy(), eye) + eps_vector @ gain
-        mean = transition @ mean - eps_vector @ gain @ mu
+        z_map = embed(np.kron(steps.state_matrix[i].numpy(), eye) + eps_vector @ gain)
+        z_offset = -eps_vector @ gain @ mu
+        if steps.data_vectors is not None:
+            estimates = [(x0_map, x0_offset)] + ([] if noise_form else kept)
+            for vector, (linear, constant) in zip(steps.data_vectors[i].numpy(), estimates, strict=True):
+                z_map, z_offset = (
+                    z_map + np.kron(vector[:, None], eye) @ linear,
+                    z_offset + np.kron(vector[:, None], eye) @ constant,
+                )
+        if steps.history_matrices is not None:
+            for matrix, (linear, _) in zip(steps.history_matrices[i].numpy(), kept, strict=True):
+                z_map = z_map + np.kron(matrix, eye) @ linear
+        if noise_form:  # this call's noise part z - a x0_hat, then all parts carried to the next time
+            part = (embed(np.eye(d)) - np.kron(a[:, None], eye) @ x0_map, -np.kron(a[:, None], eye) @ x0_offset)
+            carry = np.kron(steps.transport[i].numpy(), eye)
+            new_kept = [(carry @ linear, carry @ constant) for linear, constant in [part, *kept]]
+        else:
+            new_kept = [(x0_map, x0_offset), *kept]
+        transition = np.zeros((size, size))
+        offset = np.zeros(size)
+        transition[:d], offset[:d] = z_map, z_offset
+        for j, (linear, constant) in enumerate(new_kept[:slots]):
+            transition[d + j * slot : d + (j + 1) * slot], offset[d + j * slot : d + (j + 1) * slot] = linear, constant
+        mean = transition @ mean + offset
         cov = transition @ cov @ transition.T
         if steps.noise_matrix is not None:
             noise = np.kron(steps.noise_matrix[i].numpy(), eye)
-            cov = cov + noise @ noise.T
-    return mean, cov
+            cov[:d, :d] += noise @ noise.T
+    return mean[:d], cov[:d, :d]
