@@ -10,7 +10,7 @@ from gaussian_reference import GaussianData, exact_sampler_law, sample_with_exac
 
 from diffusers_hold import HOLDScheduler, HOLDSchedulerOutput
 
-SOLVERS = ["euler_maruyama", "sscs", "ddim"]
+SOLVERS = ["euler_maruyama", "sscs", "ddim", "exp_multistep"]
 
 
 def public_config(scheduler):

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -33,7 +34,7 @@ __all__ = [
     "HOLDSchedulerOutput",
 ]
 
-SOLVERS = ("euler_maruyama", "sscs", "ddim")
+SOLVERS = ("euler_maruyama", "sscs", "ddim", "exp_multistep")
 # Model calls per sample that each solver needs to sample as the model is trained to, read by
 # `HOLDScheduler.recommended_num_inference_steps` (and so by the memorization audit, whose default step count it is).
 # All three solvers converge at first order. On the exact-score Gaussian-mixture benchmark
@@ -42,8 +43,13 @@ SOLVERS = ("euler_maruyama", "sscs", "ddim")
 # Carlo floor, at 50 steps up to 5.4x (DDIM-type, order 2). With the exact empirical score of 16 digits (a model that
 # copies its training images), order-3 SSCS on the linear grid copies nothing at 50 steps and everything at 250
 # (tests/test_audit.py).
-RECOMMENDED_INFERENCE_STEPS = {"euler_maruyama": 250, "sscs": 250, "ddim": 250}
-TIMESTEP_SPACINGS = ("linear", "quadratic")
+# exp_multistep (second order by default) is within the Monte Carlo floor of that benchmark at 50 model calls for HOLD
+# orders 1-3 (benchmarks/results/sampler_accuracy.json, the README's Performance section).
+RECOMMENDED_INFERENCE_STEPS = {"euler_maruyama": 250, "sscs": 250, "ddim": 250, "exp_multistep": 50}
+# exp_multistep: the quantity interpolated across model calls and the noise scale eta of the reverse dynamics, under
+# the names of diffusers' DPMSolverMultistepScheduler, which each equals at HOLD order 1
+ALGORITHM_TYPES = {"dpmsolver": ("noise", 0.0), "dpmsolver++": ("data", 0.0), "sde-dpmsolver++": ("data", 1.0)}
+TIMESTEP_SPACINGS = ("linear", "quadratic", "log_snr")
 PREDICTION_TYPES = ("epsilon", "vp_epsilon")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 # Config keys that define the forward process. A HOLD UNet is trained for (or converted under) exactly these values,
@@ -95,8 +101,19 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     at the midpoints of the grid intervals (Strang splitting).
 
     **Solvers.** ``"euler_maruyama"`` (the reference sampler of the HOLD papers), ``"sscs"`` (symmetric splitting:
-    exact free flow, Euler score kick; CLD's SSCS generalised to any order) and ``"ddim"`` (deterministic
-    probability-flow steps that freeze the denoised estimate in gDDIM's ``R_t`` basis; exactly DDIM at order 1).
+    exact free flow, Euler score kick; CLD's SSCS generalised to any order), ``"ddim"`` (deterministic
+    probability-flow steps that freeze the denoised estimate in gDDIM's ``R_t`` basis; exactly DDIM at order 1) and
+    ``"exp_multistep"``, the few-step solver: a multistep exponential integrator of order ``solver_order`` (1-3) that
+    integrates the linear part of the dynamics exactly and interpolates the model's contribution across the last
+    ``solver_order`` model calls in the log-SNR (:meth:`~diffusers_hold.HOLDDynamics.exponential_step`), with
+    coefficients computed once per :meth:`set_timesteps`. ``algorithm_type`` picks what is interpolated:
+    ``"dpmsolver"`` (the default) the noise part in gDDIM's ``R_t`` basis, ``"dpmsolver++"`` the denoised estimate,
+    ``"sde-dpmsolver++"`` the denoised estimate on the reverse SDE (noise injected every step). At HOLD order 1 each is
+    diffusers' ``DPMSolverMultistepScheduler`` with the same ``algorithm_type`` and ``solver_type="heun"`` (orders 1
+    and 2; its third-order update differs). The first steps warm up at lower order, and the history of earlier calls
+    is kept like diffusers' multistep schedulers keep theirs: reset by :meth:`set_timesteps`, per trajectory (a new
+    batch needs a new :meth:`set_timesteps`), and a trajectory entered mid-schedule starts at first order. With
+    ``denoise_final`` the last call is still the noise-free denoising step.
 
     **Samples: the position block, or the full state.** A stock diffusers pipeline (``StableDiffusionPipeline``,
     img2img, ...) carries ``C``-channel ``latents`` (its VAE decodes them), so by default ``sample`` is the position
@@ -106,13 +123,20 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     - :meth:`scale_model_input` returns the augmented state ``[q | aux]`` (``order * C`` channels) that a HOLD UNet
       reads; the ``sample`` passed in is the authoritative ``q``, so a ``callback_on_step_end`` that replaces
       ``latents`` is honoured.
-    - The auxiliary blocks are reset by :meth:`set_timesteps`. At the first step they are drawn from the prior
-      ``N(0, L_inv)`` with a generator seeded by a hash of the initial ``q``: a pipeline ``generator`` (or given
-      ``latents``) then fixes the whole state, and the draw is independent of ``q`` in law. :meth:`add_noise` with
-      ``C``-channel noise (image-to-image) instead draws them from the forward kernel at the start time.
+    - The auxiliary blocks are reset by :meth:`set_timesteps`. At the first call of a trajectory, at whatever step
+      it starts, they are drawn from their law given ``q`` under the forward marginal at the sample's time, for data
+      of mean 0 and variance 1 per element (Stable Diffusion's scaled latents are close to that):
+      ``aux | q ~ N(g_t q, S_t)`` from the joint Gaussian ``N(0, a_t a_t^T + Sigma_t)``
+      (:meth:`~diffusers_hold.dynamics.HOLDDynamics.auxiliary_given_position`). At the first timestep (``t = T``) this
+      is the prior ``N(0, L_inv)`` up to ``~1e-4`` and nearly independent of ``q``; later (SDXL's refiner with
+      ``denoising_start``, or a caller that steps from any timestep) it is the exact conditional law for such data
+      and a moment-matched approximation for others. The noise of row ``i`` comes from a generator seeded by a hash
+      of ``q[i]``: a pipeline ``generator`` (or given ``latents``) fixes the whole state, and image ``i`` of a batch
+      made with ``generator=[g_0, g_1, ...]`` equals the image made alone with ``g_i``. :meth:`add_noise` with
+      ``C``-channel noise (image-to-image, where ``x_0`` is known) instead draws them from the exact forward kernel
+      at the start time, row ``i`` seeded by a hash of ``noise[i]``.
     - A batch that is a multiple of the stored one (the classifier-free-guidance doubled batch ``cat([latents] * 2)``)
-      gets the auxiliary blocks tiled the same way. At the first step, repeated rows (the copies made for guidance)
-      share their auxiliary blocks.
+      gets the auxiliary blocks tiled the same way; equal rows (the copies made for guidance) get equal draws.
 
     Pass ``full_state=True`` to :meth:`scale_model_input` and :meth:`step` to carry the whole ``order * C``-channel
     state yourself instead (as :class:`~diffusers_hold.HOLDPipeline` does); no hidden state is used then.
@@ -121,6 +145,14 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     the HOLD order is ``config.order`` (also :attr:`hold_order`). After :meth:`set_timesteps`, ``trajectory_times``
     (float64, one more than the steps) holds the continuous time of the sample before the first step and after each
     step, which trajectory diagnostics compare against (:func:`diffusers_hold.metrics.reference_weights`).
+
+    **VP tables and compatible schedulers.** With ``prediction_type="vp_epsilon"`` the model is a stock VP model and
+    ``betas`` / ``alphas_cumprod`` (float64) are its tables, indexed by its integer timesteps, so diffusers helpers
+    such as ``diffusers.training_utils.compute_snr`` work; :attr:`compatibles` then lists the stock schedulers it can
+    be swapped for (pass ``prediction_type="epsilon"`` to their ``from_config``). A native HOLD scheduler
+    (``"epsilon"``) has neither attribute (reading one raises an ``AttributeError`` that points to :meth:`snr`): its
+    position block is not ``sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``, its timesteps are continuous, and helpers
+    that find ``alphas_cumprod`` apply DDPM formulas; no stock scheduler is compatible with a HOLD UNet.
 
     Args:
         order (`int`, defaults to 3): number of HOLD blocks ``n >= 1`` (position, velocity, acceleration, ...).
@@ -131,8 +163,13 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         eps_num (`float`, defaults to 1e-6): jitter on the diagonal of the kernel covariance.
         train_eps (`float`, defaults to 1e-5): smallest continuous time drawn for training.
         sampling_eps (`float`, defaults to 1e-3): continuous time at which sampling stops.
-        solver (`str`, defaults to `"euler_maruyama"`): `"euler_maruyama"`, `"sscs"` or `"ddim"`.
-        timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``.
+        solver (`str`, defaults to `"euler_maruyama"`): `"euler_maruyama"`, `"sscs"`, `"ddim"` or `"exp_multistep"`.
+        solver_order (`int`, defaults to 2): how many model calls `"exp_multistep"` interpolates (1, 2 or 3).
+        algorithm_type (`str`, defaults to `"dpmsolver"`): what `"exp_multistep"` interpolates: `"dpmsolver"` (noise
+            part, probability-flow ODE), `"dpmsolver++"` (denoised estimate, ODE) or `"sde-dpmsolver++"` (denoised
+            estimate, reverse SDE).
+        timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``, or `"log_snr"`:
+            uniform in :meth:`~diffusers_hold.HOLDDynamics.log_snr` (DPM-Solver's uniform-lambda grid at order 1).
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`: a HOLD model predicts the last block's noise
             from the whole state. `"vp_epsilon"`: zero-shot HOLD with a pretrained VP (DDPM) epsilon model; the
             model sees ``sqrt(alpha_bar) * s`` (``C`` channels), where ``s`` is the sufficient statistic of the state
@@ -147,7 +184,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             ``"scaled_linear"`` over ``num_train_timesteps`` steps). Unused with `"epsilon"`.
     """
 
-    _compatibles = []
+    # the stock schedulers a zero-shot ("vp_epsilon") HOLD scheduler can be swapped for: its model is a stock VP
+    # epsilon model, so diffusers' own list for DDPMScheduler; `compatibles` offers them for "vp_epsilon" only
+    _compatibles = list(DDPMScheduler._compatibles)
     order = 1
 
     @register_to_config
@@ -161,7 +200,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         eps_num: float = 1e-6,
         train_eps: float = 1e-5,
         sampling_eps: float = 1e-3,
-        solver: Literal["euler_maruyama", "sscs", "ddim"] = "euler_maruyama",
+        solver: Literal["euler_maruyama", "sscs", "ddim", "exp_multistep"] = "euler_maruyama",
+        solver_order: int = 2,
+        algorithm_type: Literal["dpmsolver", "dpmsolver++", "sde-dpmsolver++"] = "dpmsolver",
         timestep_spacing: Literal["linear", "quadratic"] = "linear",
         prediction_type: Literal["epsilon", "vp_epsilon"] = "epsilon",
         denoise_final: bool = True,
@@ -179,12 +220,15 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"{name} must lie in (0, T={T}), got {value!r}.")
         for name, value, allowed in (
             ("solver", solver, SOLVERS),
+            ("algorithm_type", algorithm_type, tuple(ALGORITHM_TYPES)),
             ("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS),
             ("prediction_type", prediction_type, PREDICTION_TYPES),
             ("beta_schedule", beta_schedule, BETA_SCHEDULES),
         ):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}.")
+        if not isinstance(solver_order, int) or isinstance(solver_order, bool) or not 1 <= solver_order <= 3:
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}.")
         defaulted = set(self.config.get("_use_default_values", []))
         if prediction_type == "vp_epsilon" and defaulted.issuperset(VP_SCHEDULE_KEYS):
             # a silent default schedule would feed the VP model the wrong noise levels
@@ -204,30 +248,47 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"The VP betas must be {num_train_timesteps} values in (0, 1).")
         # alpha_bar of the VP model, used by prediction_type="vp_epsilon"
         self.vp_alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        if prediction_type == "vp_epsilon":
+            # the model is a stock VP model, and these are its tables under diffusers' names (see the class docstring)
+            self.betas = betas
+            self.alphas_cumprod = self.vp_alphas_cumprod
 
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self._steps: LinearStep | None = None
+        # exp_multistep: the step forms that read 2..solver_order denoised estimates, and the estimates of the
+        # previous model calls as (step index, x0_hat) pairs, most recent last
+        self._multistep_steps: tuple[LinearStep, ...] = ()
+        self._data_history: list[tuple[int, torch.Tensor]] = []
         self._x0_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mean_coefficients: torch.Tensor | None = None
         self._vp_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eval_times: torch.Tensor | None = None
         # continuous time of the sample before the first step and after each step (float64, length steps + 1)
         self.trajectory_times: torch.Tensor | None = None
         self._begin_index: int | None = None
         self._step_index: int | None = None
-        # auxiliary blocks of the state when samples are position blocks (stock pipelines), see the class docstring
+        # auxiliary blocks of the state when samples are position blocks (stock pipelines), see the class docstring,
+        # and the step index they belong to (None: any)
         self._auxiliary: torch.Tensor | None = None
+        self._auxiliary_index: int | None = None
 
     @classmethod
     def from_config(cls, config: dict | None = None, return_unused_kwargs: bool = False, **kwargs):
         """Build a scheduler from a config, as diffusers' ``from_config`` does, keeping the source's VP schedule.
 
         A stock config built with default betas lists them as defaulted, and diffusers would drop them before
-        ``__init__``; they are the VP model's noise schedule, so they are passed on explicitly (``kwargs`` still win).
+        ``__init__``; for a `"vp_epsilon"` scheduler they are the VP model's noise schedule, so when all of them are
+        defaulted they are passed on explicitly (``kwargs`` still win). Otherwise the config is read as diffusers
+        reads it, so that round trips (``HOLDScheduler`` -> a compatible scheduler -> ``HOLDScheduler``) keep which
+        values were defaults.
         """
-        for key in (*VP_SCHEDULE_KEYS, "num_train_timesteps"):
-            if config is not None and key in config and key not in kwargs:
-                kwargs[key] = config[key]
+        prediction_type = kwargs.get("prediction_type", (config or {}).get("prediction_type"))
+        defaulted = set((config or {}).get("_use_default_values", []))
+        if prediction_type == "vp_epsilon" and defaulted.issuperset(VP_SCHEDULE_KEYS):
+            for key in (*VP_SCHEDULE_KEYS, "num_train_timesteps"):
+                if key in config and key not in kwargs:
+                    kwargs[key] = config[key]
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -261,6 +322,32 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     def init_noise_sigma(self) -> float:
         """Standard deviation of the stationary prior ``N(0, L_inv * I)`` that every block starts from."""
         return math.sqrt(self.config.L_inv)
+
+    @property
+    def compatibles(self) -> list[type[SchedulerMixin]]:
+        """Scheduler classes that can replace this one in its pipeline (``cls.from_config(scheduler.config)``).
+
+        With ``prediction_type="epsilon"`` only :class:`HOLDScheduler`: a HOLD UNet reads the augmented state, which
+        no stock scheduler produces. With `"vp_epsilon"` the model is a stock VP epsilon model, so also every stock
+        scheduler diffusers lists for ``DDPMScheduler``; pass ``prediction_type="epsilon"`` when swapping, since the
+        config says `"vp_epsilon"` (``DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")``).
+        """
+        classes = [HOLDScheduler]
+        if self.config.prediction_type == "vp_epsilon":
+            stock = [c for c in super().compatibles if isinstance(c, type) and issubclass(c, SchedulerMixin)]
+            classes += sorted(stock, key=lambda c: c.__name__)
+        return classes
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: the VP tables exist as attributes for "vp_epsilon" alone
+        if name in ("alphas_cumprod", "betas"):
+            raise AttributeError(
+                f'HOLDScheduler with prediction_type="epsilon" has no `{name}`: its position block is not '
+                "sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps on a table of integer timesteps, so DDPM formulas "
+                "(such as diffusers.training_utils.compute_snr) do not apply. Use `scheduler.snr(timesteps)` for "
+                "the signal-to-noise ratio of the position block."
+            )
+        return super().__getattr__(name)
 
     @property
     def begin_index(self) -> int | None:
@@ -324,22 +411,11 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                     f"got {num_inference_steps!r}."
                 )
             num_intervals = num_inference_steps - 1 if cfg.denoise_final else num_inference_steps
-            u = torch.linspace(0.0, 1.0, num_intervals + 1, dtype=torch.float64)
-            if cfg.timestep_spacing == "quadratic":
-                u = 1.0 - (1.0 - u) ** 2
-            grid = cfg.T - (cfg.T - cfg.sampling_eps) * u
+            grid = self._spaced_grid(num_intervals)
 
         dyn = self.dynamics
         start, end = grid[:-1], grid[1:]
-        if cfg.solver == "euler_maruyama":
-            eval_times, steps = start, dyn.euler_maruyama_step(start, end)
-        elif cfg.solver == "ddim":
-            eval_times, steps = start, dyn.ddim_step(start, end)
-        else:  # sscs: kick at the interval midpoint, then free flow to the next midpoint (or to the grid end)
-            h = start - end
-            eval_times = 0.5 * (start + end)
-            free = 0.5 * h + 0.5 * torch.cat([h[1:], h.new_zeros(1)])
-            steps = dyn.sscs_step(eval_times, h, free)
+        eval_times, forms = self._solver_steps(start, end)
         # after a step the sample is at the next grid time; SSCS leaves it at the next midpoint (its first half flow
         # is skipped, so it starts at grid[0]), and the denoising step takes it to t = 0
         ends = torch.cat([eval_times[1:], grid[-1:]]) if cfg.solver == "sscs" else end
@@ -348,15 +424,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         if cfg.denoise_final:
             final = dyn.denoise_step(grid[-1:])
             eval_times = torch.cat([eval_times, grid[-1:]])
-            noise = steps.noise_matrix
-            steps = LinearStep(
-                torch.cat([steps.state_matrix, final.state_matrix]),
-                torch.cat([steps.eps_vector, final.eps_vector]),
-                None if noise is None else torch.cat([noise, torch.zeros_like(final.state_matrix)]),
-            )
-        self._steps = steps
+            forms = tuple(_concat_steps(form, final) for form in forms)
+        self._steps, self._multistep_steps = forms[0], forms[1:]
+        self._data_history = []
         self._eval_times = eval_times
         self._x0_coefficients = dyn.x0_coefficients(eval_times)
+        self._mean_coefficients = dyn.mean_coefficients(eval_times)
         self.num_inference_steps = len(eval_times)
         if cfg.prediction_type == "vp_epsilon":
             weights, alpha_bar, model_timesteps = self._zero_shot_coefficients(eval_times)
@@ -367,6 +440,48 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._step_index = None
         self._auxiliary = None
+        self._auxiliary_index = None
+
+    def _spaced_grid(self, num_intervals: int) -> torch.Tensor:
+        """``num_intervals + 1`` times from ``T`` down to ``sampling_eps`` with the configured spacing (float64)."""
+        cfg = self.config
+        u = torch.linspace(0.0, 1.0, num_intervals + 1, dtype=torch.float64)
+        if cfg.timestep_spacing == "log_snr":
+            ends = self.dynamics.log_snr(torch.tensor([cfg.T, cfg.sampling_eps], dtype=torch.float64))
+            grid = self.dynamics.time_at_log_snr(ends[0] + (ends[1] - ends[0]) * u, cfg.sampling_eps, cfg.T)
+            grid[0], grid[-1] = cfg.T, cfg.sampling_eps  # exact end points
+            return grid
+        if cfg.timestep_spacing == "quadratic":
+            u = 1.0 - (1.0 - u) ** 2
+        return cfg.T - (cfg.T - cfg.sampling_eps) * u
+
+    def _solver_steps(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, tuple[LinearStep, ...]]:
+        """Model-call times and step coefficients of the configured solver for the grid intervals ``start -> end``.
+
+        One :class:`~diffusers_hold.dynamics.LinearStep` per number of denoised estimates a step reads: a single form
+        for the one-step solvers; ``solver_order`` forms for ``"exp_multistep"``, the ``k``-th of which holds, from
+        row ``k - 1`` on, the step that interpolates the current and ``k - 1`` previous estimates (its first rows,
+        which would need estimates from before the first model call, are zero and never read).
+        """
+        cfg, dyn = self.config, self.dynamics
+        if cfg.solver == "euler_maruyama":
+            return start, (dyn.euler_maruyama_step(start, end),)
+        if cfg.solver == "ddim":
+            return start, (dyn.ddim_step(start, end),)
+        if cfg.solver == "sscs":  # kick at the interval midpoint, then free flow to the next midpoint (or grid end)
+            h = start - end
+            eval_times = 0.5 * (start + end)
+            free = 0.5 * h + 0.5 * torch.cat([h[1:], h.new_zeros(1)])
+            return eval_times, (dyn.sscs_step(eval_times, h, free),)
+        n, forms = self.hold_order, []
+        for k in range(1, min(cfg.solver_order, len(start)) + 1):
+            rows = torch.arange(k - 1, len(start))
+            history = torch.stack([start[rows - j] for j in range(k)], dim=-1)
+            prediction, eta = ALGORITHM_TYPES[cfg.algorithm_type]
+            step = dyn.exponential_step(start[rows], end[rows], history, prediction=prediction, eta=eta)
+            unused = LinearStep(start.new_zeros(k - 1, n, n), start.new_zeros(k - 1, n), None)
+            forms.append(_concat_steps(unused, step))
+        return start, tuple(forms)
 
     def _zero_shot_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sufficient-statistic weights, VP ``alpha_bar`` and fractional VP timesteps at continuous times ``t``.
@@ -390,7 +505,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         position the step counter has reached.
         """
         if self.timesteps is None:
-            raise ValueError("Call `set_timesteps` before `step`.")
+            raise ValueError("No sampling schedule yet: call `set_timesteps` first.")
         value = torch.as_tensor(timestep).to(device=self.timesteps.device, dtype=self.timesteps.dtype)
         if value.numel() != 1:
             raise ValueError(f"`step` takes one timestep for the whole batch, got shape {tuple(value.shape)}.")
@@ -493,9 +608,18 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             eps, pred_original = self._epsilon_from_vp(blocks, eps, coef(weights), coef(alpha_bar), coef(ell), coef(c))
         else:
             pred_original = ((coef(ell)[:, :, None] * blocks).sum(1) - eps) / coef(c)[:, None]
-        steps = self._steps
+        noise_form = self._steps.transport is not None  # exp_multistep interpolating noise parts
+        previous = self._previous_estimates(index, blocks.shape if noise_form else pred_original.shape, dtype)
+        steps = self._multistep_steps[len(previous) - 1] if previous else self._steps
         prev = torch.einsum("ij,bjr->bir", coef(steps.state_matrix)[0], blocks)
         prev = prev + coef(steps.eps_vector)[:, :, None] * eps[:, None]
+        if steps.data_vectors is not None:
+            estimates = [pred_original] if noise_form else [pred_original, *previous]
+            for data_vector, estimate in zip(coef(steps.data_vectors)[0], estimates, strict=True):
+                prev = prev + data_vector[None, :, None] * estimate[:, None]
+        if steps.history_matrices is not None:
+            for matrix, noise_part in zip(coef(steps.history_matrices)[0], previous, strict=True):
+                prev = prev + torch.einsum("ij,bjr->bir", matrix, noise_part)
         if steps.noise_matrix is not None:
             # draw noise only for the blocks it enters through (Euler-Maruyama: the last block alone)
             columns = steps.noise_matrix[index].abs().sum(0).nonzero()[:, 0]
@@ -509,11 +633,43 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             prev_sample = prev_state
         else:
             prev_sample, self._auxiliary = prev_state[:, :channels], prev_state[:, channels:]
+            self._auxiliary_index = index + 1
         pred_original_sample = pred_original.reshape(model_output.shape)
+        if self._multistep_steps:
+            self._remember(index, blocks, pred_original, previous)
         self._step_index = index + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return HOLDSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _previous_estimates(self, index: int, shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+        """What the multistep solver keeps of the model calls just before step ``index`` (most recent first), as many
+        as it reads: denoised estimates, or noise parts carried to the current time. The run stops at the first
+        missing step, so a trajectory entered mid-schedule starts at first order."""
+        estimates = []
+        for back, (step_index, estimate) in enumerate(reversed(self._data_history)):
+            if step_index != index - 1 - back or back == len(self._multistep_steps):
+                break
+            if estimate.shape != shape:
+                raise ValueError(
+                    f"The multistep history holds tensors of shape {tuple(estimate.shape)}, this step needs "
+                    f"{tuple(shape)}: call `set_timesteps` before starting a new trajectory."
+                )
+            estimates.append(estimate.to(dtype))
+        return estimates
+
+    def _remember(self, index: int, blocks: torch.Tensor, pred_original: torch.Tensor, previous: list) -> None:
+        """Keep this call's estimate for the next steps: ``x0_hat``, or for the noise-interpolating form the noise
+        parts ``z - a_t x0_hat`` of this and the earlier calls, carried to the next step's time."""
+        keep = len(self._multistep_steps)
+        if self._steps.transport is None:
+            self._data_history = [*self._data_history, (index, pred_original)][-keep:]
+            return
+        transport = self._steps.transport[index].to(device=blocks.device, dtype=blocks.dtype)
+        mean = self._mean_coefficients[index].to(device=blocks.device, dtype=blocks.dtype)
+        parts = [blocks - mean[None, :, None] * pred_original[:, None], *previous][:keep]
+        carried = [torch.einsum("ij,bjr->bir", transport, part) for part in parts]
+        self._data_history = [(index - back, part) for back, part in enumerate(carried)][::-1]
 
     # ------------------------------------------------------------------------------------------ zero-shot (VP model)
     def zero_shot_epsilon(
@@ -586,13 +742,10 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if sample.ndim < 2:
             raise ValueError(f"Expected a sample of shape (batch, C, ...), got {tuple(sample.shape)}.")
-        if self._auxiliary is None:
-            if index != 0:
-                raise ValueError(
-                    f"No auxiliary HOLD state at step {index}: a trajectory of position-only samples starts at the "
-                    "first timestep after `set_timesteps`, or at the timestep given to `add_noise`."
-                )
-            self._auxiliary = self._prior_auxiliary(sample)
+        if self._auxiliary is None or self._auxiliary_index not in (None, index):
+            # a trajectory's first call, or a call at another step than the kept blocks belong to (a new trajectory)
+            self._auxiliary = self._initial_auxiliary(sample, index)
+            self._auxiliary_index = index
         aux = self._auxiliary
         batch = sample.shape[0]
         if aux.shape[1] != (n - 1) * sample.shape[1] or aux.shape[2:] != sample.shape[2:] or batch % aux.shape[0]:
@@ -604,15 +757,24 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         aux = aux.to(device=sample.device, dtype=sample.dtype)
         return torch.cat([sample, aux.repeat(batch // aux.shape[0], *([1] * (aux.ndim - 1)))], dim=1)
 
-    def _prior_auxiliary(self, sample: torch.Tensor) -> torch.Tensor:
-        """Auxiliary blocks drawn from the prior ``N(0, L_inv)``, seeded by a hash of the position block.
+    def _initial_auxiliary(self, sample: torch.Tensor, index: int) -> torch.Tensor:
+        """Auxiliary blocks for a trajectory of position blocks ``sample`` that starts at step ``index``.
 
-        Rows repeated in ``sample`` (the copies a pipeline makes for classifier-free guidance) share their draw.
+        Drawn from their law given ``q`` under the forward marginal at the sample's time for standardised data
+        (:meth:`~diffusers_hold.dynamics.HOLDDynamics.auxiliary_given_position`), with the noise of row ``i`` seeded
+        by a hash of ``q[i]`` (see the class docstring). Rows repeated in ``sample`` (the copies a pipeline makes for
+        classifier-free guidance) are stored once; being equal, they would get equal draws anyway.
         """
-        base = _period(sample)
-        extra = (self.hold_order - 1) * sample.shape[1]
-        noise = _hash_seeded_normal(sample[:base], (base, extra, *sample.shape[2:]))
-        return noise.to(device=sample.device, dtype=sample.dtype) * self.init_noise_sigma
+        base = sample[: _period(sample)]
+        n = self.hold_order
+        gain, chol = self.dynamics.auxiliary_given_position(self.trajectory_times[index])
+        dtype, device = sample.dtype, sample.device
+        noise = _row_seeded_normal(base, (n - 1, *base.shape[1:])).to(device=device, dtype=dtype)
+        q = base.reshape(len(base), 1, -1)
+        aux = gain.to(device=device, dtype=dtype)[:, None] * q + torch.einsum(
+            "ij,bjr->bir", chol.to(device=device, dtype=dtype), noise.reshape(len(base), n - 1, -1)
+        )
+        return aux.reshape(len(base), (n - 1) * base.shape[1], *base.shape[2:])
 
     # -------------------------------------------------------------------------------------------------- training
     def sample_timesteps(
@@ -657,7 +819,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         full_shape = (batch, n * channels, *original_samples.shape[2:])
         position_only = n > 1 and tuple(noise.shape) == tuple(original_samples.shape)
         if position_only:
-            extra = _hash_seeded_normal(noise, (batch, (n - 1) * channels, *noise.shape[2:]))
+            extra = _row_seeded_normal(noise, ((n - 1) * channels, *noise.shape[2:]))
             noise = torch.cat([noise, extra.to(device=noise.device, dtype=noise.dtype)], dim=1)
         if tuple(noise.shape) != full_shape:
             raise ValueError(
@@ -676,8 +838,19 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         z = (mean[:, :, None] * x0 + chol @ noise.reshape(batch, n, -1)).reshape(full_shape)
         if not position_only:
             return z
-        self._auxiliary = z[:, channels:]
+        if self._step_index is None:  # a trajectory starts here; during one (inpainting's blending) it goes on
+            self._auxiliary = z[:, channels:]
+            self._auxiliary_index = self._schedule_index(timesteps)
         return z[:, :channels]
+
+    def _schedule_index(self, timesteps: torch.Tensor | float) -> int | None:
+        """Step index of ``timesteps`` if every row is at one entry of the schedule, else ``None``."""
+        values = torch.as_tensor(timesteps).flatten()
+        if self.timesteps is None or not bool((values == values[0]).all()):
+            return None
+        if not bool((self.timesteps == values[0].to(self.timesteps)).any()):
+            return None
+        return self.index_for_timestep(values[0])
 
     def _noise_times(self, timesteps: torch.Tensor | float) -> torch.Tensor:
         """Continuous times for :meth:`add_noise`'s timesteps (schedule entries in the zero-shot mode)."""
@@ -710,6 +883,26 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         return state.shape[1] // n
 
 
+def _concat_steps(first: LinearStep, second: LinearStep) -> LinearStep:
+    """The rows of ``first`` followed by those of ``second``; a missing noise or data term counts as zero."""
+
+    def join(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None and b is None:
+            return None
+        a = b.new_zeros(len(first.state_matrix), *b.shape[1:]) if a is None else a
+        b = a.new_zeros(len(second.state_matrix), *a.shape[1:]) if b is None else b
+        return torch.cat([a, b])
+
+    return LinearStep(
+        torch.cat([first.state_matrix, second.state_matrix]),
+        torch.cat([first.eps_vector, second.eps_vector]),
+        join(first.noise_matrix, second.noise_matrix),
+        join(first.data_vectors, second.data_vectors),
+        join(first.history_matrices, second.history_matrices),
+        join(first.transport, second.transport),
+    )
+
+
 def _period(sample: torch.Tensor) -> int:
     """Smallest ``k`` such that ``sample`` is ``sample[:k]`` repeated along the batch axis."""
     batch = sample.shape[0]
@@ -719,13 +912,17 @@ def _period(sample: torch.Tensor) -> int:
     return batch
 
 
-def _hash_seeded_normal(source: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal float32 CPU draws seeded by a hash of ``source``'s values.
+def _row_seeded_normal(source: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float32 CPU draws of shape ``(batch, *row_shape)``, row ``i`` seeded by a hash of ``source[i]``.
 
     Stock pipelines give a scheduler no generator before its first model call; seeding from the pipeline's own
     random draw makes the auxiliary blocks reproducible from the pipeline's generator and, for any practical
-    purpose, independent of that draw.
+    purpose, independent of that draw. Seeding each row from its own values makes an image of a batch get the draws
+    it gets alone, so per-image generators (``generator=[...]``) reproduce single images.
     """
-    digest = hashlib.blake2b(source.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-    return torch.randn(shape, generator=generator)
+    rows = source.detach().float().cpu().reshape(len(source), -1).numpy()
+    draws = []
+    for row in rows:
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
+        draws.append(torch.randn(row_shape, generator=torch.Generator().manual_seed(int.from_bytes(digest, "little"))))
+    return torch.stack(draws)
