@@ -32,13 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, is_real_number
-from .image_data import load_image_dataset, prepare_training_dataset
 from .metrics import MemorizationReport, QualityReport, nn_ratio_memorization, quality_report
-from .utils import image_grid
+from .utils import image_grid, to_pil_image
 
 __all__ = [
     "REPORT_FORMAT_VERSION",
@@ -46,7 +44,7 @@ __all__ = [
     "audit_pipeline",
     "default_num_inference_steps",
     "generate_images",
-    "load_image_folder",
+    "is_text_conditional",
 ]
 
 # the default PCA of the quality metrics has 32 components and needs more held-out images than that; its k-NN
@@ -389,41 +387,8 @@ def _memorization_from_dict(reader: _ReportReader) -> MemorizationReport:
     )
 
 
-def load_image_folder(
-    *,
-    train_data_dir: str | os.PathLike | None = None,
-    dataset_name: str | os.PathLike | None = None,
-    resolution: int,
-    num_channels: int = 3,
-    image_column: str = "image",
-    caption_column: str | None = None,
-) -> tuple[torch.Tensor, list[str] | None]:
-    """Images of a folder or saved data set as a float tensor in ``[0, 1]`` `(N, C, resolution, resolution)`,
-    centre-cropped without flips (as the nearest-neighbour rule needs), and their captions when asked.
-
-    Args:
-        train_data_dir (`str` or `os.PathLike`, *optional*), dataset_name (`str` or `os.PathLike`, *optional*):
-            exactly one source, as in :func:`diffusers_hold.image_data.load_image_dataset`.
-        resolution (`int`): side of the square images (the generations' size).
-        num_channels (`int`, defaults to 3): 1 (grayscale) or 3 (RGB), the generations' channels.
-        image_column (`str`, defaults to `"image"`), caption_column (`str`, *optional*): the columns.
-    """
-    dataset = load_image_dataset(train_data_dir=train_data_dir, dataset_name=dataset_name)
-    examples, _ = prepare_training_dataset(
-        dataset,
-        image_column=image_column,
-        caption_column=caption_column,
-        resolution=resolution,
-        center_crop=True,
-        num_channels=num_channels,
-    )
-    items = [examples[i] for i in range(len(examples))]
-    images = torch.stack([item["pixel_values"] for item in items]) / 2 + 0.5
-    captions = [item["caption"] for item in items] if caption_column is not None else None
-    return images, captions
-
-
-def _is_text_conditional(pipeline) -> bool:
+def is_text_conditional(pipeline) -> bool:
+    """Whether a pipeline generates from prompts (its ``__call__`` takes ``prompt``), i.e. is text-to-image."""
     return "prompt" in inspect.signature(pipeline.__call__).parameters
 
 
@@ -510,7 +475,7 @@ def generate_images(
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}.")
     if num_inference_steps is None:
         num_inference_steps, _ = default_num_inference_steps(pipeline)
-    text = _is_text_conditional(pipeline)
+    text = is_text_conditional(pipeline)
     if text and not prompts:
         raise ValueError("A text-to-image pipeline needs prompts (or training captions) to audit.")
     pipeline.set_progress_bar_config(disable=True)
@@ -551,7 +516,7 @@ def audit_pipeline(
     Args:
         pipeline (`DiffusionPipeline`): the pipeline to audit (HOLD or stock).
         train_images (`torch.Tensor` of shape `(R, C, H, W)`): the training images in ``[0, 1]``, at the generations'
-            size and channels (see :func:`load_image_folder`), ``R >= 2``.
+            size and channels (see :func:`~diffusers_hold.image_data.load_image_folder`), ``R >= 2``.
         held_out_images (`torch.Tensor` of shape `(M, C, H, W)`): real images not used for training (the control).
         output_dir (`str` or `os.PathLike`): where the files go (created).
         num_samples (`int`, defaults to 64): generations.
@@ -611,16 +576,11 @@ def audit_pipeline(
     return report
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
 def _write_copies(path: Path, generated, train, memorization: MemorizationReport, count: int) -> Path:
     """The ``count`` generations with the smallest ratio (top row) above their nearest training images."""
     order = torch.argsort(memorization.ratio)[:count]
-    top = [_to_pil(generated[i]) for i in order]
-    bottom = [_to_pil(train[memorization.nearest_index[i]]) for i in order]
+    top = [to_pil_image(generated[i]) for i in order]
+    bottom = [to_pil_image(train[memorization.nearest_index[i]]) for i in order]
     scale = max(1, 96 // generated.shape[-1])
     image_grid(top + bottom, cols=len(top), padding=2, scale=scale).save(path)
     return path

@@ -22,7 +22,6 @@ loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 
 import torch
@@ -36,7 +35,8 @@ __all__ = ["main"]
 def _audit(args: argparse.Namespace) -> None:
     from diffusers import DiffusionPipeline
 
-    from .audit import audit_pipeline, generate_images, load_image_folder
+    from .audit import audit_pipeline, generate_images, is_text_conditional
+    from .image_data import load_image_folder
 
     pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,20 +45,15 @@ def _audit(args: argparse.Namespace) -> None:
     probe_prompts = args.prompt or ["a photograph"]
     probe, _ = generate_images(pipeline, 1, prompts=probe_prompts, num_inference_steps=2, seed=args.seed)
     channels, resolution = probe.shape[1], probe.shape[-1]
+    settings = {"resolution": resolution, "num_channels": channels, "image_column": args.image_column}
     train, captions = load_image_folder(
         train_data_dir=args.train_data_dir,
         dataset_name=args.dataset_name,
-        resolution=resolution,
-        num_channels=channels,
-        image_column=args.image_column,
-        caption_column=text if "prompt" in _call_parameters(pipeline) else None,
+        caption_column=text if is_text_conditional(pipeline) else None,
+        **settings,
     )
     held_out, _ = load_image_folder(
-        train_data_dir=args.held_out_dir,
-        dataset_name=args.held_out_dataset_name,
-        resolution=resolution,
-        num_channels=channels,
-        image_column=args.image_column,
+        train_data_dir=args.held_out_dir, dataset_name=args.held_out_dataset_name, **settings
     )
     report = audit_pipeline(
         pipeline,
@@ -145,10 +140,6 @@ def _check_loads_back(pipeline, folder) -> None:
                 f"diffusers-hold publish: {folder} loads {name} as {getattr(found.get(name), '__name__', None)}, "
                 f"not {cls.__name__}."
             )
-
-
-def _call_parameters(pipeline) -> set[str]:
-    return set(inspect.signature(pipeline.__call__).parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,7 @@
-"""Small real image sets that ship inside installed packages, so demos and tests never download anything."""
+"""Small real image sets that ship inside installed packages (scikit-learn's digits, scikit-image's LFW faces), so
+demos, tests and the benchmark never download anything. Image folders and data sets are in
+:mod:`diffusers_hold.image_data`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["load_digits_images", "write_digits_imagefolder"]
+from ._validation import check_positive_int
+
+__all__ = ["load_digits_images", "load_lfw_faces", "write_digits_imagefolder"]
 
 
 def load_digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +45,28 @@ def load_digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor
         )
     images = np.clip(images, 0.0, 1.0) * 2.0 - 1.0
     return torch.from_numpy(images)[:, None], torch.from_numpy(digits.target.astype(np.int64))
+
+
+def load_lfw_faces(resolution: int = 25) -> torch.Tensor:
+    """scikit-image's bundled subset of Labeled Faces in the Wild: its 100 face images (of 200; the rest are not
+    faces), grayscale, as a float tensor in ``[-1, 1]``.
+
+    Args:
+        resolution (`int`, defaults to 25): output side length; the 25x25 originals are resized bicubically.
+
+    Returns:
+        `torch.Tensor`: images of shape ``(100, 1, resolution, resolution)`` (float32).
+    """
+    try:
+        from skimage.data import lfw_subset
+    except ImportError as error:  # scikit-image is an optional dependency
+        raise ImportError("The LFW faces need scikit-image: pip install 'diffusers-hold[bench]'.") from error
+    check_positive_int(resolution, "resolution")
+    faces = lfw_subset()[:100].astype(np.float32)  # (100, 25, 25) in [0, 1]
+    resized = np.stack(
+        [np.asarray(Image.fromarray(face, mode="F").resize((resolution, resolution), Image.BICUBIC)) for face in faces]
+    )
+    return torch.from_numpy(np.clip(resized, 0, 1) * 2 - 1)[:, None]
 
 
 def write_digits_imagefolder(output_dir: str | os.PathLike, resolution: int = 16, limit: int | None = None) -> Path:

@@ -1,4 +1,6 @@
-"""Image data for the training scripts: loading, up-front checks of every image, and PIL/numpy transforms.
+"""Image folders and data sets: loading, up-front checks of every image, and PIL/numpy transforms, for the training
+scripts, the audit and the benchmark (:func:`load_image_folder`: a whole folder as one tensor). Bundled sets:
+:mod:`diffusers_hold.data`.
 
 The flow of `training/train_text_to_image_hold.py` and `training/train_unconditional_hold.py`:
 
@@ -39,6 +41,7 @@ __all__ = [
     "check_resolution",
     "collate_examples",
     "load_image_dataset",
+    "load_image_folder",
     "prepare_training_dataset",
 ]
 
@@ -469,6 +472,40 @@ def check_resolution(resolution: int, *, vae: Any = None, unet: Any = None) -> N
                 resolution,
                 *model_size,
             )
+
+
+def load_image_folder(
+    *,
+    train_data_dir: str | os.PathLike | None = None,
+    dataset_name: str | os.PathLike | None = None,
+    resolution: int,
+    num_channels: int = 3,
+    image_column: str = "image",
+    caption_column: str | None = None,
+) -> tuple[torch.Tensor, list[str] | None]:
+    """Images of a folder or saved data set as a float tensor in ``[0, 1]`` `(N, C, resolution, resolution)`,
+    centre-cropped without flips (as the nearest-neighbour rule needs), and their captions when asked.
+
+    Args:
+        train_data_dir (`str` or `os.PathLike`, *optional*), dataset_name (`str` or `os.PathLike`, *optional*):
+            exactly one source, as in :func:`diffusers_hold.image_data.load_image_dataset`.
+        resolution (`int`): side of the square images (the generations' size).
+        num_channels (`int`, defaults to 3): 1 (grayscale) or 3 (RGB), the generations' channels.
+        image_column (`str`, defaults to `"image"`), caption_column (`str`, *optional*): the columns.
+    """
+    dataset = load_image_dataset(train_data_dir=train_data_dir, dataset_name=dataset_name)
+    examples, _ = prepare_training_dataset(
+        dataset,
+        image_column=image_column,
+        caption_column=caption_column,
+        resolution=resolution,
+        center_crop=True,
+        num_channels=num_channels,
+    )
+    items = [examples[i] for i in range(len(examples))]
+    images = torch.stack([item["pixel_values"] for item in items]) / 2 + 0.5
+    captions = [item["caption"] for item in items] if caption_column is not None else None
+    return images, captions
 
 
 def _check_multiple(resolution: int, factor: int, what: str) -> None:

@@ -220,7 +220,7 @@ def train(
         [p for p in model.parameters() if p.requires_grad] if trainable_parameters is None else trainable_parameters
     )
     ensemble = train_dataset.ensemble if isinstance(train_dataset, ShardedDataset) else None
-    updates_per_epoch, max_train_steps, num_epochs = _run_length(config, accelerator, train_dataloader, ensemble)
+    per_epoch, max_train_steps, num_epochs = _run_length(config, accelerator, train_dataloader, ensemble)
     optimizer = torch.optim.AdamW(
         trainable_parameters,
         lr=config.learning_rate,
@@ -251,13 +251,7 @@ def train(
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         callbacks=callback_list,
-        state=TrainingState(
-            noise_scheduler=noise_scheduler,
-            model=model,
-            accelerator=accelerator,
-            optimizer=optimizer,
-            updates_per_epoch=updates_per_epoch,
-        ),
+        state=TrainingState(noise_scheduler, model, accelerator, optimizer=optimizer, updates_per_epoch=per_epoch),
         encode=encode,
         noise_generator=NoiseGenerator(config.seed, accelerator.process_index),
         checkpoints=CheckpointManager(config.output_dir, config.checkpoints_total_limit),
@@ -274,7 +268,7 @@ def train(
         f"{len(train_dataset)} images, {num_epochs} epochs, {max_train_steps} updates of "
         f"{config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps} images"
     )
-    global_step = run.train_epochs(train_dataset, train_dataloader, global_step, updates_per_epoch, max_train_steps)
+    global_step = run.train_epochs(train_dataset, train_dataloader, global_step, per_epoch, max_train_steps)
     accelerator.wait_for_everyone()
     check_replicas_agree(accelerator, model, callback_list)
     return TrainingResult(model=model, global_step=global_step, max_train_steps=max_train_steps, num_epochs=num_epochs)

@@ -156,27 +156,16 @@ def build_timestep_sampler(config: TrainingConfig, noise_scheduler) -> TimestepS
     """The timestep sampler chosen by ``config.timestep_sampling`` and its settings."""
     if config.timestep_sampling == "uniform":
         return get_timestep_sampler("uniform", noise_scheduler)
+    settings = {"importance_weights": config.timestep_importance_weights}
     if config.timestep_sampling == "logit_normal":
-        return get_timestep_sampler(
-            "logit_normal",
-            noise_scheduler,
-            mean=config.logit_normal_mean,
-            std=config.logit_normal_std,
-            importance_weights=config.timestep_importance_weights,
-        )
-    if config.snr_interval_low is None or config.snr_interval_high is None:
-        raise ValueError("--timestep_sampling snr_interval needs --snr_interval_low and --snr_interval_high.")
-    return get_timestep_sampler(
-        "snr_interval",
-        noise_scheduler,
-        c_low=config.snr_interval_low,
-        c_high=config.snr_interval_high,
-        confidence=config.snr_interval_confidence,
-        space=config.snr_interval_space,
-        tails=config.snr_interval_tails,
-        uniform_mixture=config.timestep_uniform_mixture,
-        importance_weights=config.timestep_importance_weights,
-    )
+        settings.update(mean=config.logit_normal_mean, std=config.logit_normal_std)
+    else:
+        if config.snr_interval_low is None or config.snr_interval_high is None:
+            raise ValueError("--timestep_sampling snr_interval needs --snr_interval_low and --snr_interval_high.")
+        settings.update(c_low=config.snr_interval_low, c_high=config.snr_interval_high)
+        settings.update(confidence=config.snr_interval_confidence, space=config.snr_interval_space)
+        settings.update(tails=config.snr_interval_tails, uniform_mixture=config.timestep_uniform_mixture)
+    return get_timestep_sampler(config.timestep_sampling, noise_scheduler, **settings)
 
 
 def save_validation_grid(accelerator, pipeline, config: TrainingConfig, step: int, **pipeline_kwargs) -> Path:

@@ -10,9 +10,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
-__all__ = ["atomic_output", "image_grid", "replace_path"]
+__all__ = ["atomic_output", "image_grid", "replace_path", "to_pil_image"]
 
 
 def image_grid(
@@ -44,6 +46,13 @@ def image_grid(
         r, c = divmod(i, cols)
         grid.paste(img.resize((w, h), Image.NEAREST), (padding + c * (w + padding), padding + r * (h + padding)))
     return grid
+
+
+def to_pil_image(image: torch.Tensor) -> Image.Image:
+    """A float image ``(C, H, W)`` in ``[0, 1]`` (clamped) as an 8-bit PIL image: grayscale for one channel, RGB for
+    three."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 @contextlib.contextmanager

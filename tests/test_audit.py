@@ -16,9 +16,9 @@ from diffusers_hold.audit import (
     audit_pipeline,
     default_num_inference_steps,
     generate_images,
-    load_image_folder,
 )
 from diffusers_hold.data import load_digits_images, write_digits_imagefolder
+from diffusers_hold.image_data import load_image_folder
 from diffusers_hold.models import OptimalEmpiricalDenoiser
 from diffusers_hold.schedulers.scheduling_hold import RECOMMENDED_INFERENCE_STEPS, SOLVERS
 from diffusers_hold.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d

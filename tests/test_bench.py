@@ -8,11 +8,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from PIL import Image
 
-from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_parser, config_from_args, evaluate, run_bench
+from diffusers_hold.bench import (
+    BENCH_METHODS,
+    BenchConfig,
+    build_parser,
+    config_from_args,
+    evaluate,
+    load_bench_data,
+    run_bench,
+)
 from diffusers_hold.mitigations import attention_heads, pruned_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +168,25 @@ def test_bad_settings_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="hold_orders"):
         config_from_args(build_parser().parse_args(["--hold_orders", "7"]))
     assert set(config.methods) <= set(BENCH_METHODS)
+
+
+def test_an_image_folder_is_the_data_of_a_run(tmp_path):
+    # 50 PNG files of one RGB colour each (12x10, so the centre crop and resize have work to do)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    colours = np.random.default_rng(0).integers(0, 256, (50, 3), dtype=np.uint8)
+    for i, colour in enumerate(colours):
+        Image.fromarray(np.broadcast_to(colour, (10, 12, 3)).copy()).save(folder / f"image_{i:02d}.png")
+    config = BenchConfig(data=str(folder), methods=["ddpm"], train_size=16, held_out_size=34, num_samples=8,
+                         train_steps=2, num_evaluations=1, block_out_channels=(8, 16))  # fmt: skip
+    train, held_out = load_bench_data(config)
+    assert train.shape == (16, 3, 8, 8) and held_out.shape == (34, 3, 8, 8)
+    # every image is its file's colour, channels in RGB order, scaled to [-1, 1]; the split is a permutation
+    expected = torch.from_numpy(colours).double() / 255 * 2 - 1
+    loaded = torch.cat([train, held_out]).double()
+    assert torch.allclose(loaded, loaded[:, :, :1, :1].expand_as(loaded), atol=1e-6)
+    found = sorted(map(tuple, loaded[:, :, 0, 0].numpy().round(4).tolist()))
+    assert found == sorted(map(tuple, expected.numpy().round(4).tolist()))
+    results = run_bench(config, tmp_path / "run", progress=False)
+    assert results[0]["method"] == "ddpm" and 0 <= results[0]["memorized"] <= 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(folder)

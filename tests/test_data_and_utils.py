@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from skimage.data import lfw_subset
 from sklearn.datasets import load_digits
 
-from diffusers_hold.data import load_digits_images
+from diffusers_hold.data import load_digits_images, load_lfw_faces
 from diffusers_hold.utils import atomic_output, image_grid, replace_path
 
 
@@ -69,3 +71,13 @@ def test_replace_path_restores_the_old_folder_when_the_new_one_cannot_move_in(tm
     with pytest.raises(OSError):
         replace_path(tmp_path / "missing", target)
     assert (target / "kept.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_lfw_faces_are_scikit_images_first_hundred_scaled_to_minus_one_one():
+    faces = load_lfw_faces(25)
+    assert faces.shape == (100, 1, 25, 25) and faces.dtype == torch.float32
+    np.testing.assert_allclose(faces[:, 0].numpy(), lfw_subset()[:100] * 2 - 1, atol=1e-6)
+    small = load_lfw_faces(8)
+    assert small.shape == (100, 1, 8, 8) and small.min() >= -1 and small.max() <= 1
+    with pytest.raises(ValueError, match="resolution must be a positive integer"):
+        load_lfw_faces(0)

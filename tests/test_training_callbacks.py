@@ -17,10 +17,12 @@ from diffusers_hold.mitigations import (
     TrainingCallback,
     TrainingState,
     UniformTimestepSampler,
+    get_timestep_sampler,
     training_step,
 )
 from diffusers_hold.objective import per_sample_mse
 from diffusers_hold.training_config import TrainingConfig, add_training_arguments
+from diffusers_hold.training_utils import build_timestep_sampler
 
 BATCH = 4
 TINY_UNET = {
@@ -367,3 +369,24 @@ def test_training_config_has_one_field_per_shared_flag_with_the_flags_defaults()
     config = TrainingConfig.from_args(args)
     assert (config.resolution, config.use_ema, config.snr_gamma, config.train_batch_size) == (16, True, 5.0, 16)
     assert not hasattr(config, "num_channels")
+
+
+def test_the_timestep_flags_build_the_sampler_they_name():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    cases = [
+        ({}, get_timestep_sampler("uniform", scheduler)),
+        ({"timestep_sampling": "logit_normal", "logit_normal_mean": 0.5, "logit_normal_std": 0.7},
+         get_timestep_sampler("logit_normal", scheduler, mean=0.5, std=0.7)),
+        ({"timestep_sampling": "snr_interval", "snr_interval_low": 0.1, "snr_interval_high": 0.4,
+          "snr_interval_tails": "clip", "timestep_importance_weights": True, "timestep_uniform_mixture": 0.2},
+         get_timestep_sampler("snr_interval", scheduler, c_low=0.1, c_high=0.4, tails="clip", importance_weights=True,
+                              uniform_mixture=0.2)),
+    ]  # fmt: skip
+    for settings, reference in cases:
+        sampler = build_timestep_sampler(TrainingConfig(output_dir="out", **settings), scheduler)
+        assert type(sampler) is type(reference)
+        drawn = sampler.sample(64, torch.Generator().manual_seed(0))
+        expected = reference.sample(64, torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
+    with pytest.raises(ValueError, match="needs --snr_interval_low and --snr_interval_high"):
+        build_timestep_sampler(TrainingConfig(output_dir="out", timestep_sampling="snr_interval"), scheduler)
