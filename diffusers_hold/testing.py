@@ -12,12 +12,25 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .models import HOLDUNet2DModel
 
-__all__ = ["tiny_clip_tokenizer", "tiny_stable_diffusion_pipeline", "tiny_unet_2d"]
+__all__ = [
+    "tiny_clip_tokenizer",
+    "tiny_stable_diffusion_pipeline",
+    "tiny_stable_diffusion_xl_pipeline",
+    "tiny_unet_2d",
+]
 
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 
@@ -133,6 +146,76 @@ def tiny_stable_diffusion_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_stable_diffusion_xl_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionXLPipeline:
+    """A ``StableDiffusionXLPipeline`` of tiny random components (two text encoders, SDXL's micro-conditioning).
+
+    Its components also make a ``StableDiffusionXLImg2ImgPipeline`` (pass ``requires_aesthetics_score=False``), so
+    the base-plus-refiner hand-off (``denoising_end`` / ``denoising_start``) runs offline. The scheduler is SDXL's
+    ``EulerDiscreteScheduler`` configuration.
+
+    Args:
+        seed (`int`, defaults to 0): seed of the random weights.
+        sample_size (`int`, defaults to 16): latent side; images are twice as large.
+    """
+    width = 8  # of each text encoder; the UNet's cross-attention reads both, concatenated
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + width,  # six size/crop ids and the pooled text embedding
+            cross_attention_dim=2 * width,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(4, 8),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=2,
+            sample_size=2 * sample_size,
+        )
+        tokenizer = tiny_clip_tokenizer()
+        text_config = CLIPTextConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=width,
+        )
+        text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
 
 

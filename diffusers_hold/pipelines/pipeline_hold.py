@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -24,6 +25,10 @@ class HOLDPipeline(DiffusionPipeline):
     pretrained VP epsilon UNet (``C`` channels in and out) that the scheduler turns into a HOLD score (zero-shot).
     The state ``[q | p | s | ...]`` travels through the loop as ``latents``; the images are its position block
     ``q``, mapped from ``[-1, 1]`` to ``[0, 1]``.
+
+    Like diffusers' pipelines it exposes :attr:`num_timesteps` and :attr:`interrupt` to ``callback_on_step_end``
+    (set ``pipe._interrupt = True`` in a callback to skip the remaining steps); the guidance properties of the text
+    pipelines have no meaning for unconditional generation.
 
     Args:
         unet ([`HOLDUNet2DModel`] or [`~diffusers.UNet2DModel`]): the noise predictor.
@@ -54,6 +59,16 @@ class HOLDPipeline(DiffusionPipeline):
             )
         return channels
 
+    @property
+    def num_timesteps(self) -> int:
+        """Number of denoising steps of the current (or last) call: the length of the scheduler's timesteps."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether a callback asked to stop: the remaining steps are skipped and the current state is returned."""
+        return self._interrupt
+
     @torch.no_grad()
     def __call__(
         self,
@@ -63,7 +78,10 @@ class HOLDPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         """Generate images.
@@ -77,19 +95,30 @@ class HOLDPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): return an [`~diffusers.ImagePipelineOutput`].
             latents (`torch.Tensor` of shape `(batch, order * C, H, W)`, *optional*): initial state; drawn from the
                 prior ``N(0, L_inv)`` when omitted.
-            callback_on_step_end (`Callable`, *optional*): called as ``callback(pipe, i, t, kwargs)`` after every
-                step with the tensors named in ``callback_on_step_end_tensor_inputs``; the dict it returns may
-                replace them (``"latents"`` is the full HOLD state).
-            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called as
+                ``callback(pipe, i, t, kwargs)`` after every step with the tensors named in
+                ``callback_on_step_end_tensor_inputs``; the dict it returns may replace them (``"latents"`` is the
+                full HOLD state). A diffusers ``PipelineCallback`` brings its own ``tensor_inputs``.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it, a
+                subset of ``_callback_tensor_inputs``.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        for name in callback_on_step_end_tensor_inputs:
-            if name not in self._callback_tensor_inputs:
-                raise ValueError(f"Callback tensor input {name!r} is not one of {self._callback_tensor_inputs}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                f"{unknown}."
+            )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for a batch of {batch_size} images; pass one per image."
+            )
         channels = self._check_components()
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -104,7 +133,11 @@ class HOLDPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=self.unet.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        self._interrupt = False
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             model_input = self.scheduler.scale_model_input(latents, t, full_state=True)
             noise_pred = self.unet(model_input, t).sample
             latents = self.scheduler.step(noise_pred, t, latents, generator=generator, full_state=True).prev_sample

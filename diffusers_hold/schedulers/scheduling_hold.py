@@ -154,6 +154,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     position block is not ``sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``, its timesteps are continuous, and helpers
     that find ``alphas_cumprod`` apply DDPM formulas; no stock scheduler is compatible with a HOLD UNet.
 
+    **Diffusers contracts that differ by design.** :meth:`scale_model_input` needs :meth:`set_timesteps` and a
+    timestep of the schedule (the model input depends on the step), and with ``prediction_type="epsilon"`` it returns
+    the augmented state, not a tensor shaped like ``sample``. ``trained_betas`` must list ``num_train_timesteps``
+    values. The auxiliary blocks kept for a trajectory belong to one step: a call at another step (diffusers' tests
+    step from arbitrary timesteps of a fresh schedule) draws them afresh by the first-call rule above.
+
     Args:
         order (`int`, defaults to 3): number of HOLD blocks ``n >= 1`` (position, velocity, acceleration, ...).
         num_train_timesteps (`int`, defaults to 1000): scale of the timestep the model sees (``t = T`` maps to it).
@@ -799,8 +805,10 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
 
         With noise for every block this is the training forward process. With noise shaped like ``original_samples``
         (what image-to-image pipelines pass) it starts a sampling trajectory at ``timesteps``: that noise drives the
-        position block, which is returned, and the auxiliary blocks are drawn from the same kernel (their extra noise
-        seeded by a hash of ``noise``) and kept by the scheduler for the following steps.
+        position block, which is returned, and the auxiliary blocks are drawn from the same kernel (the extra noise of
+        row ``i`` seeded by a hash of ``noise[i]``) and kept by the scheduler for the following steps. Once
+        :meth:`step` has run in the current schedule, position-only calls (inpainting blends the noised original into
+        the latents after every step) return the position block and leave the trajectory's auxiliary blocks alone.
 
         Args:
             original_samples (`torch.Tensor` of shape `(batch, C, ...)`): clean data ``x_0``.
