@@ -1,26 +1,28 @@
-"""Sampler accuracy against the number of steps, for every solver, on Gaussian-mixture data with the exact score.
+"""Sampler accuracy against the number of model calls, for every solver, on two 2-D targets with the exact score.
 
-    python benchmarks/bench_sampler_accuracy.py [--quick]
+    python benchmarks/bench_sampler_accuracy.py [--quick] [--num_samples N]
 
-**Data.** A 2-D mixture of four Gaussians (unequal weights, anisotropic covariances), so the exact sampler output is
-known in law and a reference sample can be drawn directly.
+**Targets.** ``mixture``: four Gaussians (unequal weights, anisotropic covariances). ``ring``: twelve thin Gaussians
+(standard deviation 0.04) on a circle of radius 1.5, a target with thin structure of a different shape. Exact draws
+give the reference sample.
 
-**Model.** Every sampler gets the same exact model: the closed-form VP epsilon of the mixture under diffusers'
-default DDPM schedule (linear betas, 1000 steps), ``eps(x_t) = -sqrt(1 - abar) * grad log p_t(x_t)`` with
+**Model.** Every sampler gets the same exact model: the closed-form VP epsilon of the target under diffusers' default
+DDPM schedule (linear betas, 1000 steps), ``eps(x_t) = -sqrt(1 - abar) * grad log p_t(x_t)`` with
 ``p_t = sum_k pi_k N(sqrt(abar) mu_k, abar C_k + (1 - abar) I)``, in float64. The HOLD solvers use it through
-``HOLDScheduler(prediction_type="vp_epsilon")``, which then gives HOLD's exact score (``docs/HOLD_MATH.md``
-section 4), so every difference below is discretisation error (plus Monte Carlo noise).
+``HOLDScheduler(prediction_type="vp_epsilon")``, which then gives HOLD's exact score (docs/HOLD_MATH.md, section 4),
+so every difference below is discretisation error (plus Monte Carlo noise).
 
 **Solvers.** diffusers' ``DDIMScheduler`` (eta 0), ``DDPMScheduler`` (ancestral), ``DPMSolverMultistepScheduler``
-(2nd order) and ``EulerDiscreteScheduler``; ``HOLDScheduler`` orders 2 and 3 with ``euler_maruyama``, ``sscs`` and
-``ddim`` on the quadratic grid.
+(``dpmsolver++``, 2nd order, its defaults) and ``EulerDiscreteScheduler``; ``HOLDScheduler`` orders 2 and 3 with
+``euler_maruyama``, ``sscs`` and ``ddim`` on the quadratic grid, and ``exp_multistep`` (``dpmsolver``: noise part in
+the ``R_t`` basis) at solver orders 2 and 3 on the quadratic grid.
 
-**Metrics.** Error of the mean (Euclidean), relative Frobenius error of the covariance and the sliced Wasserstein-1
-distance (64 fixed directions) between ``N`` generated points and ``N`` exact draws; the noise floor is the same
-distance between two independent exact samples. For each solver, the fewest steps from which the sliced Wasserstein
-distance stays within 5 % of its 1000-step value (counting model evaluations: one per step for all of these
-solvers); a solver whose 1000-step run is not finite is compared with its largest finite run (``reference_steps``).
-Results go to ``benchmarks/results/sampler_accuracy.json``.
+**Metrics.** Sliced Wasserstein-1 distance (64 fixed directions) between ``N`` generated points and ``N`` exact draws,
+error of the mean and relative Frobenius error of the covariance; the noise floor is the same distance between two
+independent exact samples. **Score**: for HOLD orders 2 and 3, ``SW(best HOLD solver at N calls) / SW(DPM-Solver++ 2M
+at N calls)`` for N in 10, 15, 25, 50 (target: <= 1 at every N, on both targets). Results go to
+``benchmarks/results/sampler_accuracy.json`` and the plot of error against model calls to
+``benchmarks/results/sampler_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -39,82 +41,91 @@ from tqdm.auto import tqdm
 from diffusers_hold import HOLDScheduler
 
 RESULTS = Path(__file__).parent / "results" / "sampler_accuracy.json"
-WEIGHTS = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
-MEANS = torch.tensor([[1.5, 1.0], [-1.5, 0.5], [0.0, -1.5], [1.0, -0.5]], dtype=torch.float64)
-COVARIANCES = torch.stack(
-    [
-        torch.tensor([[0.10, 0.04], [0.04, 0.05]]),
-        torch.tensor([[0.20, -0.05], [-0.05, 0.10]]),
-        torch.tensor([[0.05, 0.00], [0.00, 0.30]]),
-        torch.tensor([[0.02, 0.00], [0.00, 0.02]]),
-    ]
-).double()
-STEPS = (10, 15, 20, 25, 35, 50, 75, 100, 250, 1000)
+STEPS = (10, 15, 25, 50, 100)
+SCORED_STEPS = (10, 15, 25, 50)
 
 
-def mixture_moments() -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mean and covariance of the mixture."""
-    mean = WEIGHTS @ MEANS
-    centred = MEANS - mean
-    covariance = (WEIGHTS[:, None, None] * (COVARIANCES + centred[:, :, None] * centred[:, None, :])).sum(0)
-    return mean, covariance
+class Target:
+    """A 2-D Gaussian mixture: exact draws, moments and the exact VP epsilon at (fractional) DDPM timesteps."""
 
-
-def draw_mixture(n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` exact draws from the mixture."""
-    component = torch.multinomial(WEIGHTS, n, replacement=True, generator=generator)
-    chol = torch.linalg.cholesky(COVARIANCES)
-    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    return MEANS[component] + (chol[component] @ noise[:, :, None])[:, :, 0]
-
-
-class ExactMixtureEpsilon:
-    """The VP epsilon of the mixture at (possibly fractional) DDPM timesteps, interpolated in log-SNR."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        table = alphas_cumprod.double()
+    def __init__(self, weights, means, covariances):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.covariances = torch.as_tensor(covariances, dtype=torch.float64)
+        table = DDPMScheduler().alphas_cumprod.double()
         self.log_snr = torch.log(table / (1 - table)).numpy()
 
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.weights @ self.means
+        centred = self.means - mean
+        outer = centred[:, :, None] * centred[:, None, :]
+        return mean, (self.weights[:, None, None] * (self.covariances + outer)).sum(0)
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        chol = torch.linalg.cholesky(self.covariances)
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return self.means[component] + (chol[component] @ noise[:, :, None])[:, :, 0]
+
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+        """The exact VP epsilon at a DDPM timestep, interpolated in log-SNR."""
         t = float(torch.as_tensor(timestep).flatten()[0])
         log_snr = np.interp(t, np.arange(len(self.log_snr)), self.log_snr)
         alpha_bar = 1 / (1 + math.exp(-log_snr))
         points = x.reshape(len(x), 2).double()
-        means = math.sqrt(alpha_bar) * MEANS  # (K, 2)
-        covariances = alpha_bar * COVARIANCES + (1 - alpha_bar) * torch.eye(2, dtype=torch.float64)
-        precisions = torch.linalg.inv(covariances)  # (K, 2, 2)
-        centred = points[:, None, :] - means[None]  # (N, K, 2)
+        means = math.sqrt(alpha_bar) * self.means
+        covariances = alpha_bar * self.covariances + (1 - alpha_bar) * torch.eye(2, dtype=torch.float64)
+        precisions = torch.linalg.inv(covariances)
+        centred = points[:, None, :] - means[None]
         whitened = torch.einsum("kij,nkj->nki", precisions, centred)
-        log_density = -0.5 * (centred * whitened).sum(-1) - 0.5 * torch.logdet(covariances) + torch.log(WEIGHTS)
+        log_density = -0.5 * (centred * whitened).sum(-1) - 0.5 * torch.logdet(covariances) + torch.log(self.weights)
         responsibilities = torch.softmax(log_density, dim=1)
         score = -(responsibilities[:, :, None] * whitened).sum(1)
         return (-math.sqrt(1 - alpha_bar) * score).to(x.dtype).reshape(x.shape)
 
 
-def sample_vp(scheduler, steps: int, n: int, seed: int) -> torch.Tensor:
+def ring(components: int = 12, radius: float = 1.5, std: float = 0.04) -> Target:
+    angles = torch.arange(components, dtype=torch.float64) * (2 * math.pi / components)
+    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    return Target(torch.full((components,), 1 / components), means, std**2 * torch.eye(2).expand(components, 2, 2))
+
+
+TARGETS = {
+    "mixture": Target(
+        [0.4, 0.3, 0.2, 0.1],
+        [[1.5, 1.0], [-1.5, 0.5], [0.0, -1.5], [1.0, -0.5]],
+        [
+            [[0.10, 0.04], [0.04, 0.05]],
+            [[0.20, -0.05], [-0.05, 0.10]],
+            [[0.05, 0.00], [0.00, 0.30]],
+            [[0.02, 0.00], [0.00, 0.02]],
+        ],
+    ),
+    "ring": ring(),
+}
+
+
+def sample_vp(scheduler, target: Target, steps: int, n: int, seed: int) -> torch.Tensor:
     """Sample with a diffusers VP scheduler and the exact epsilon."""
-    model = ExactMixtureEpsilon(DDPMScheduler().alphas_cumprod)
     generator = torch.Generator().manual_seed(seed)
     scheduler.set_timesteps(steps)
     x = torch.randn(n, 2, 1, 1, generator=generator, dtype=torch.float64) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = model(scheduler.scale_model_input(x, t), t)
+        eps = target(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x.reshape(n, 2)
 
 
-def sample_hold(order: int, solver: str, steps: int, n: int, seed: int) -> torch.Tensor:
+def sample_hold(order: int, target: Target, steps: int, n: int, seed: int, **settings) -> torch.Tensor:
     """Sample the HOLD state with the exact score (zero-shot through the exact VP epsilon); return the positions."""
     base = DDPMScheduler().config  # HOLD never clips; only the VP schedule is read
-    scheduler = HOLDScheduler.from_config(
-        base, order=order, prediction_type="vp_epsilon", solver=solver, timestep_spacing="quadratic"
-    )
-    model = ExactMixtureEpsilon(DDPMScheduler().alphas_cumprod)
+    settings = {"timestep_spacing": "quadratic", **settings}
+    scheduler = HOLDScheduler.from_config(base, order=order, prediction_type="vp_epsilon", **settings)
     generator = torch.Generator().manual_seed(seed)
     scheduler.set_timesteps(steps)
     state = torch.randn(n, 2 * order, 1, 1, generator=generator, dtype=torch.float64) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = model(scheduler.scale_model_input(state, t, full_state=True), t)
+        eps = target(scheduler.scale_model_input(state, t, full_state=True), t)
         state = scheduler.step(eps, t, state, generator=generator, full_state=True).prev_sample
     return state[:, :2].reshape(n, 2)
 
@@ -126,87 +137,132 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
 
 
 def solvers() -> dict:
-    """Name -> function(steps, n, seed) returning samples."""
-    base = DDPMScheduler(clip_sample=False).config  # the mixture reaches beyond [-1, 1]
+    """Name -> function(target, steps, n, seed) returning samples."""
+    base = DDPMScheduler(clip_sample=False).config  # the targets reach beyond [-1, 1]
     table = {
-        "ddim": lambda s, n, seed: sample_vp(DDIMScheduler.from_config(base), s, n, seed),
-        "ddpm": lambda s, n, seed: sample_vp(DDPMScheduler.from_config(base), s, n, seed),
-        "dpmsolver++2m": lambda s, n, seed: sample_vp(DPMSolverMultistepScheduler.from_config(base), s, n, seed),
-        "euler": lambda s, n, seed: sample_vp(EulerDiscreteScheduler.from_config(base), s, n, seed),
+        "ddim": lambda g, s, n, seed: sample_vp(DDIMScheduler.from_config(base), g, s, n, seed),
+        "ddpm": lambda g, s, n, seed: sample_vp(DDPMScheduler.from_config(base), g, s, n, seed),
+        "dpmsolver++2m": lambda g, s, n, seed: sample_vp(DPMSolverMultistepScheduler.from_config(base), g, s, n, seed),
+        "euler": lambda g, s, n, seed: sample_vp(EulerDiscreteScheduler.from_config(base), g, s, n, seed),
+    }
+    hold_solvers = {
+        "euler_maruyama": {"solver": "euler_maruyama"},
+        "sscs": {"solver": "sscs"},
+        "ddim": {"solver": "ddim"},
+        "exp2m": {"solver": "exp_multistep", "solver_order": 2},
+        "exp3m": {"solver": "exp_multistep", "solver_order": 3},
     }
     for order in (2, 3):
-        for solver in ("euler_maruyama", "sscs", "ddim"):
-            table[f"hold{order}_{solver}"] = lambda s, n, seed, o=order, v=solver: sample_hold(o, v, s, n, seed)
+        for name, settings in hold_solvers.items():
+            table[f"hold{order}_{name}"] = lambda g, s, n, seed, o=order, kw=settings: sample_hold(
+                o, g, s, n, seed, **kw
+            )
     return table
+
+
+def evaluate(target: Target, n: int, step_counts: tuple[int, ...]) -> dict:
+    """Every solver at every step count on one target, with the Monte Carlo floor and the score."""
+    generator = torch.Generator().manual_seed(0)
+    reference = target.draw(n, generator)
+    directions = torch.randn(64, 2, generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    mean, covariance = target.moments()
+    floor = sliced_wasserstein(target.draw(n, generator), reference, directions)
+    entry: dict = {"noise_floor_sw": floor, "solvers": {}}
+    for name, sample in tqdm(solvers().items(), desc="solvers", leave=False):
+        rows = []
+        for steps in step_counts:
+            x = sample(target, steps, n, 1)
+            finite = bool(torch.isfinite(x).all())
+            rows.append(
+                {
+                    "steps": steps,
+                    "sw": sliced_wasserstein(x, reference, directions) if finite else math.inf,
+                    "mean_error": float((x.mean(0) - mean).norm()) if finite else math.inf,
+                    "cov_error": float((torch.cov(x.T) - covariance).norm() / covariance.norm())
+                    if finite
+                    else math.inf,
+                }
+            )
+        entry["solvers"][name] = rows
+    entry["score"] = score(entry["solvers"], step_counts)
+    return entry
+
+
+def score(results: dict, step_counts: tuple[int, ...]) -> dict:
+    """Per HOLD order: best HOLD solver's SW over DPM-Solver++ 2M's at each scored step count."""
+    reference = dict(zip(step_counts, (row["sw"] for row in results["dpmsolver++2m"]), strict=True))
+    out = {}
+    for order in (2, 3):
+        ratios = {}
+        for steps in SCORED_STEPS:
+            if steps not in reference:
+                continue
+            candidates = {
+                name: next(row["sw"] for row in rows if row["steps"] == steps)
+                for name, rows in results.items()
+                if name.startswith(f"hold{order}_")
+            }
+            best = min(candidates, key=candidates.get)
+            ratios[str(steps)] = {"solver": best, "ratio": candidates[best] / reference[steps]}
+        out[f"hold{order}"] = ratios
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Error against model calls for every solver, one panel per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = results["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 5), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], targets.items(), strict=True):
+        for solver, rows in entry["solvers"].items():
+            style = "-" if solver.startswith("hold") else "--"
+            width = 2.2 if "exp" in solver or solver == "dpmsolver++2m" else 1.0
+            ax.plot(
+                [r["steps"] for r in rows], [r["sw"] for r in rows], style, lw=width, marker="o", ms=3, label=solver
+            )
+        ax.axhline(entry["noise_floor_sw"], color="grey", lw=0.8, ls=":", label="Monte Carlo floor")
+        ax.set(xscale="log", yscale="log", xlabel="model calls", ylabel="sliced Wasserstein-1", title=name)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Fewer points and step counts (about a minute).")
+    parser.add_argument("--quick", action="store_true", help="Fewer points and step counts (a few minutes).")
     parser.add_argument("--num_samples", type=int, default=None)
     args = parser.parse_args()
-    n = args.num_samples or (5000 if args.quick else 40000)
-    step_counts = (10, 25, 50, 100, 1000) if args.quick else STEPS
+    torch.set_num_threads(1)
+    n = args.num_samples or (5000 if args.quick else 20000)
+    step_counts = (10, 25, 50) if args.quick else STEPS
     load, start = ForeignLoad(), time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    reference = draw_mixture(n, generator)
-    directions = torch.randn(64, 2, generator=generator, dtype=torch.float64)
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    mean, covariance = mixture_moments()
-    floor = sliced_wasserstein(draw_mixture(n, generator), reference, directions)
-
-    results: dict = {"num_samples": n, "steps": list(step_counts), "noise_floor_sw": floor, "solvers": {}}
-    for name, sample in tqdm(solvers().items(), desc="solvers"):
-        rows = []
-        for steps in step_counts:
-            x = sample(steps, n, 1)
-            if not torch.isfinite(x).all():
-                rows.append({"steps": steps, "sw": math.inf, "mean_error": math.inf, "cov_error": math.inf})
-                continue
-            rows.append(
-                {
-                    "steps": steps,
-                    "sw": sliced_wasserstein(x, reference, directions),
-                    "mean_error": float((x.mean(0) - mean).norm()),
-                    "cov_error": float((torch.cov(x.T) - covariance).norm() / covariance.norm()),
-                }
-            )
-        finite = [row for row in rows if math.isfinite(row["sw"])]
-        best_run = finite[-1] if finite else None  # the 1000-step run, or the most steps that stayed finite
-        fewest = None
-        if best_run is not None:
-            # the first step count from which the distance stays within 5 % of the reference's
-            for row in reversed(rows):
-                if not math.isfinite(row["sw"]) or row["sw"] > 1.05 * best_run["sw"]:
-                    break
-                fewest = row["steps"]
-        results["solvers"][name] = {
-            "rows": rows,
-            "reference_steps": None if best_run is None else best_run["steps"],
-            "fewest_steps_within_5pct": fewest,
-        }
-    best = min(results["solvers"].items(), key=lambda item: item[1]["fewest_steps_within_5pct"] or math.inf)
-    results["best_solver"] = {"name": best[0], "steps": best[1]["fewest_steps_within_5pct"]}
+    results: dict = {"num_samples": n, "steps": list(step_counts), "targets": {}}
+    for name, target in tqdm(TARGETS.items(), desc="targets"):
+        results["targets"][name] = evaluate(target, n, step_counts)
     results["environment"] = {**environment(), "foreign_cpu_share": load.share(torch.get_num_threads())}
     results["wall_time_s"] = time.perf_counter() - start
-    finish(results, RESULTS.with_name("sampler_accuracy_quick.json") if args.quick else RESULTS, print_report)
+    path = RESULTS.with_name("sampler_accuracy_quick.json") if args.quick else RESULTS
+    plot(results, path.with_suffix(".png"))
+    finish(results, path, print_report)
 
 
 def print_report(results: dict) -> None:
-    print(f"{results['num_samples']} samples per run; noise floor of the sliced Wasserstein distance "
-          f"{results['noise_floor_sw']:.4f}\n")  # fmt: skip
     steps = results["steps"]
-    print(f"{'solver':<22}" + "".join(f"{s:>9}" for s in steps) + "   fewest steps within 5 % of 1000-step SW")
-    for name, entry in results["solvers"].items():
-        cells = "".join(f"{row['sw']:9.4f}" for row in entry["rows"])
-        note = "" if entry["reference_steps"] == steps[-1] else f" (vs {entry['reference_steps']} steps)"
-        print(f"{name:<22}{cells}   {entry['fewest_steps_within_5pct']}{note}")
-    print("\ncovariance relative error:")
-    for name, entry in results["solvers"].items():
-        print(f"{name:<22}" + "".join(f"{row['cov_error']:9.4f}" for row in entry["rows"]))
-    best = results["best_solver"]
-    print(f"\nbest: {best['name']} within 5 % of its 1000-step accuracy at {best['steps']} model evaluations "
-          "(target <= 25)")  # fmt: skip
+    for name, entry in results["targets"].items():
+        print(f"\n{name}: {results['num_samples']} samples per run; Monte Carlo floor of the sliced Wasserstein "
+              f"distance {entry['noise_floor_sw']:.4f}")  # fmt: skip
+        print(f"{'solver':<22}" + "".join(f"{s:>9}" for s in steps))
+        for solver, rows in entry["solvers"].items():
+            print(f"{solver:<22}" + "".join(f"{row['sw']:9.4f}" for row in rows))
+        for order, ratios in entry["score"].items():
+            cells = ", ".join(f"{s}: {r['ratio']:.2f} ({r['solver']})" for s, r in ratios.items())
+            print(f"score {order} (best HOLD SW / DPM-Solver++ 2M SW, target <= 1): {cells}")
 
 
 if __name__ == "__main__":
