@@ -247,28 +247,7 @@ def prepare_training_dataset(
     columns = [image_column] if caption_column is None else [image_column, caption_column]
     records = dataset.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
     mode = "RGB" if num_channels == 3 else "L"
-    kept_rows, bad_images = [], []
-    progress = tqdm(total=len(records), desc="Checking images", unit="image", disable=None)
-    row = 0
-    for batch in records.iter(batch_size=256):
-        for position, record in enumerate(batch[image_column]):
-            name = _image_name(record, row)
-            if caption_column is not None:
-                _check_caption(batch[caption_column][position], name, caption_column)
-            try:
-                if image_check == "decode":
-                    _decode_image(record, mode)
-                else:
-                    with _open_image(record) as image:
-                        image.verify()
-            except Exception as err:  # any failure to read the file makes it a bad image, whatever PIL raised
-                bad_images.append((name, f"{type(err).__name__}: {err}"))
-            else:
-                kept_rows.append(row)
-            row += 1
-        progress.update(len(batch[image_column]))
-    progress.close()
-
+    kept_rows, bad_images = _check_images(records, image_column, caption_column, mode, image_check)
     if bad_images and not skip_bad_images:
         listed = "; ".join(f"{name} ({error})" for name, error in bad_images[:MAX_LISTED_BAD_IMAGES])
         more = len(bad_images) - MAX_LISTED_BAD_IMAGES
@@ -506,6 +485,35 @@ def load_image_folder(
     images = torch.stack([item["pixel_values"] for item in items]) / 2 + 0.5
     captions = [item["caption"] for item in items] if caption_column is not None else None
     return images, captions
+
+
+def _check_images(
+    records: datasets.Dataset, image_column: str, caption_column: str | None, mode: str, image_check: str
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """Check every row's caption and image (decoded in ``mode``, or PIL-verified), with a progress bar; returns the
+    readable rows and the ``(name, error)`` of each unreadable image."""
+    kept_rows, bad_images = [], []
+    progress = tqdm(total=len(records), desc="Checking images", unit="image", disable=None)
+    row = 0
+    for batch in records.iter(batch_size=256):
+        for position, record in enumerate(batch[image_column]):
+            name = _image_name(record, row)
+            if caption_column is not None:
+                _check_caption(batch[caption_column][position], name, caption_column)
+            try:
+                if image_check == "decode":
+                    _decode_image(record, mode)
+                else:
+                    with _open_image(record) as image:
+                        image.verify()
+            except Exception as err:  # any failure to read the file makes it a bad image, whatever PIL raised
+                bad_images.append((name, f"{type(err).__name__}: {err}"))
+            else:
+                kept_rows.append(row)
+            row += 1
+        progress.update(len(batch[image_column]))
+    progress.close()
+    return kept_rows, bad_images
 
 
 def _check_multiple(resolution: int, factor: int, what: str) -> None:

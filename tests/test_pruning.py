@@ -17,19 +17,21 @@ from diffusers.training_utils import EMAModel
 
 from diffusers_hold import HOLDScheduler
 from diffusers_hold.mitigations.callbacks import CallbackList, TrainingState
-from diffusers_hold.mitigations.pruning import (
+from diffusers_hold.mitigations.head_pruning import (
     AttentionHead,
     HeadPruningCallback,
     attention_heads,
-    find_memorization_neurons,
     head_importance,
-    mask_value_neurons,
-    masked_value_neurons,
     prune_heads,
     prune_least_important_heads,
     pruned_heads,
     random_heads,
     sample_small_t,
+)
+from diffusers_hold.mitigations.value_neurons import (
+    find_memorization_neurons,
+    mask_value_neurons,
+    masked_value_neurons,
     value_neuron_activations,
     value_neuron_z_scores,
 )
