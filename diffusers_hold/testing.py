@@ -84,6 +84,36 @@ def tiny_unet_2d(
         return UNet2DModel(**config) if hold_order is None else HOLDUNet2DModel(**config, hold_order=hold_order)
 
 
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    """The four-channel-latent VAE of the tiny Stable Diffusion pipelines (one downsampling, images twice as large)."""
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=2 * sample_size,
+    )
+
+
+def _tiny_clip_text_config(tokenizer: CLIPTokenizer, width: int, **kwargs) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder config of ``width`` for ``tokenizer`` (``kwargs``: e.g. ``projection_dim``)."""
+    return CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
 def tiny_stable_diffusion_pipeline(
     seed: int = 0, sample_size: int = 16, block_out_channels: tuple[int, int] = (4, 8), cross_attention_dim: int = 8
 ) -> StableDiffusionPipeline:
@@ -110,30 +140,9 @@ def tiny_stable_diffusion_pipeline(
             attention_head_dim=2,
             norm_num_groups=2,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(4, 8),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=2,
-            sample_size=2 * sample_size,
-        )
+        vae = _tiny_vae(sample_size)
         tokenizer = tiny_clip_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=cross_attention_dim,
-                intermediate_size=2 * cross_attention_dim,
-                num_attention_heads=2,
-                num_hidden_layers=2,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, cross_attention_dim))
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
     )
@@ -180,29 +189,9 @@ def tiny_stable_diffusion_xl_pipeline(seed: int = 0, sample_size: int = 16) -> S
             cross_attention_dim=2 * width,
             norm_num_groups=4,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(4, 8),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=2,
-            sample_size=2 * sample_size,
-        )
+        vae = _tiny_vae(sample_size)
         tokenizer = tiny_clip_tokenizer()
-        text_config = CLIPTextConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=width,
-        )
+        text_config = _tiny_clip_text_config(tokenizer, width, projection_dim=width)
         text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
