@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import is_tensorboard_available, is_wandb_available
 from safetensors.torch import load_file, save_file
 
 from .mitigations.timestep_sampling import TimestepSampler, get_timestep_sampler
@@ -245,8 +246,6 @@ def check_replicas_agree(accelerator, model: torch.nn.Module, callbacks=None) ->
 def check_tracker_available(report_to: str) -> None:
     """Fail before training when ``--report_to`` names a tracker that is not installed (accelerate would only warn
     and drop it, and the run would log nothing)."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if report_to in available and not available[report_to]():
         raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}.")

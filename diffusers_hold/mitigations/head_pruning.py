@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list
 from diffusers.models.attention_processor import Attention
 
 from .._validation import check_positive_int
@@ -528,8 +529,6 @@ class HeadPruningCallback(TrainingCallback):
                 )
                 chosen = _least_important(importance, self.ratio)
             if accelerator is not None and accelerator.num_processes > 1:
-                from accelerate.utils import broadcast_object_list
-
                 # floating-point differences between ranks could change the ranking; rank 0 decides for all
                 chosen = broadcast_object_list([[(h.module, h.index) for h in chosen]])[0]
                 chosen = [AttentionHead(*h) for h in chosen]
