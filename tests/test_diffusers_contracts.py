@@ -251,6 +251,18 @@ def test_sdxl_refiner_enters_a_hold_schedule_at_denoising_start():
     np.testing.assert_array_equal(images, refine())
 
 
+def test_begin_index_resolves_repeated_zero_shot_timesteps():
+    """Zero-shot timesteps clamp to the VP table's ends, so values repeat; a pipeline that starts late sets the begin
+    index, which decides where its first call is."""
+    scheduler = HOLDScheduler.from_config(DDPMScheduler(**SD_SCHEDULE).config, order=3, prediction_type="vp_epsilon")
+    scheduler.set_timesteps(50)
+    repeated = (scheduler.timesteps == scheduler.timesteps[-1]).nonzero()[:, 0].tolist()
+    assert len(repeated) > 1
+    assert scheduler.index_for_timestep(scheduler.timesteps[-1]) == repeated[0]
+    scheduler.set_begin_index(repeated[1])
+    assert scheduler.index_for_timestep(scheduler.timesteps[-1]) == repeated[1]
+
+
 def test_sdxl_refiner_with_zero_shot_hold():
     base = tiny_stable_diffusion_xl_pipeline()
     base.set_progress_bar_config(disable=True)

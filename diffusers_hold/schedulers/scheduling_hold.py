@@ -363,7 +363,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Record the first step index (pipelines call this for image-to-image).
 
-        Steps are located by their timestep value, so this is bookkeeping only.
+        Steps are located by their timestep value; the begin index only decides between repeated values (see
+        :meth:`index_for_timestep`) at the first call.
         """
         self._begin_index = begin_index
 
@@ -507,8 +508,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
         """Position of ``timestep`` in :attr:`timesteps`; raises if it is not one of them.
 
-        A value that occurs more than once (zero-shot timesteps clamped to the VP table's end) resolves to the
-        position the step counter has reached.
+        A value that occurs more than once (zero-shot timesteps clamped to the VP table's ends) resolves to the
+        position the step counter has reached, or before the first step to the :attr:`begin_index` a pipeline set.
         """
         if self.timesteps is None:
             raise ValueError("No sampling schedule yet: call `set_timesteps` first.")
@@ -522,8 +523,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 f"{self.timesteps[0].item()} down to {self.timesteps[-1].item()})."
             )
         positions = matches[:, 0].tolist()
-        if len(positions) > 1 and self._step_index in positions:
-            return self._step_index
+        expected = self._step_index if self._step_index is not None else self._begin_index
+        if len(positions) > 1 and expected in positions:
+            return expected
         return positions[0]
 
     def scale_model_input(
