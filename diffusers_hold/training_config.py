@@ -57,6 +57,8 @@ class TrainingConfig:
             validation_inference_steps (`int`, defaults to 100): validation grids.
         report_to (`str`, defaults to `"tensorboard"`): an accelerate tracker, or `"none"`.
         push_to_hub (`bool`), hub_model_id (`str`, *optional*), hub_token (`str`, *optional*): publishing.
+        audit_report (`str`, *optional*): a ``report.json`` of ``diffusers-hold audit`` whose summary and metrics go
+            into the model card of ``push_to_hub`` (see :meth:`diffusers_hold.audit.AuditReport.load`).
     """
 
     output_dir: str
@@ -131,6 +133,7 @@ class TrainingConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None
+    audit_report: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
@@ -247,5 +250,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     output.add_argument("--push_to_hub", action="store_true")
     output.add_argument("--hub_model_id")
     output.add_argument("--hub_token")
+    output.add_argument("--audit_report", help="A report.json of `diffusers-hold audit` for the --push_to_hub card.")
     parser.set_defaults(**{f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING})
     return parser

@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import hub
+from .audit import AuditReport
 from .image_data import ImageTrainingDataset, collate_examples, load_image_dataset, prepare_training_dataset
 from .mitigations import (
     AntiGradientControl,
@@ -55,8 +56,10 @@ logger = get_logger(__name__)
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
-    """The run's ``Accelerator`` from the config; fails first if the ``report_to`` tracker is not installed."""
+    """The run's ``Accelerator`` from the config; fails first if the ``report_to`` tracker is not installed, or if
+    ``audit_report`` is given without ``push_to_hub`` or is not a valid report (not at the end of the run)."""
     check_tracker_available(config.report_to)
+    _load_audit_report(config)
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -463,10 +466,20 @@ def _head_pruning(config: TrainingConfig, train_dataset, encode: Callable, ema: 
     )
 
 
+def _load_audit_report(config: TrainingConfig) -> AuditReport | None:
+    """The validated ``config.audit_report`` (`None` when not given)."""
+    if config.audit_report is None:
+        return None
+    if not config.push_to_hub:
+        raise ValueError("--audit_report goes into the model card of --push_to_hub; add --push_to_hub.")
+    return AuditReport.load(config.audit_report)
+
+
 def finish_training(
     config: TrainingConfig, accelerator, make_final_pipeline: Callable[[], object], base_model: str | None = None
 ) -> None:
-    """Save the final pipeline to ``--output_dir`` (and publish it with ``--push_to_hub``), then end the run.
+    """Save the final pipeline to ``--output_dir`` (and publish it with ``--push_to_hub``, with the audit of
+    ``--audit_report`` in the model card), then end the run.
 
     The pipeline is built and saved on the main process only; every process waits for it before
     ``end_training`` tears the process group down (a process that left early would strand the others).
@@ -481,11 +494,19 @@ def finish_training(
         pipeline = make_final_pipeline()
         pipeline.save_pretrained(config.output_dir)
         if config.push_to_hub:
+            audit = _load_audit_report(config)
+            if audit is not None and audit.pipeline_class != type(pipeline).__name__:
+                raise ValueError(
+                    f"--audit_report {config.audit_report} audits a {audit.pipeline_class}, but this run made a "
+                    f"{type(pipeline).__name__} (saved to {config.output_dir}); audit it and publish it with "
+                    "`diffusers-hold publish`."
+                )
             folder = hub.save_for_hub(
                 pipeline,
                 Path(config.output_dir) / "hub",
                 base_model=base_model,
                 repo_id=config.hub_model_id,
+                memorization_audit=audit,
                 overwrite=True,
             )
             hub.push_to_hub(folder, config.hub_model_id, token=config.hub_token)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from accelerate_launch import ROOT, run_script
+from accelerate_launch import ROOT, launch_command, run_script
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, constants
 from PIL import Image
@@ -23,7 +23,10 @@ from diffusers_hold.audit import AuditReport, audit_pipeline
 from diffusers_hold.data import load_digits_images, write_digits_imagefolder
 from diffusers_hold.hub import validate_hub_folder
 from diffusers_hold.testing import tiny_unet_2d
+from diffusers_hold.training_config import TrainingConfig
+from diffusers_hold.training_loop import make_accelerator
 
+SCRIPT = ROOT / "training" / "train_unconditional_hold.py"
 REPO_ID = "user/hold-repo"
 TOKEN = "hf_publish_test_token"
 
@@ -122,11 +125,10 @@ def test_train_audit_publish_and_push_from_the_command_line(tmp_path):
     train_dir = write_digits_imagefolder(tmp_path / "digits", limit=48)
     held_out_dir = write_held_out_digits(tmp_path / "held_out", start=100, count=40)
     run = tmp_path / "run"
-    run_script(
-        ROOT / "training" / "train_unconditional_hold.py",
-        ["--resolution", "16", "--num_channels", "1", "--block_out_channels", "8", "16", "--train_batch_size", "8"]
-        + ["--train_data_dir", train_dir, "--output_dir", run, "--max_train_steps", "2", "--report_to", "none"],
-    )
+    training_args = ["--resolution", "16", "--num_channels", "1", "--block_out_channels", "8", "16"]
+    training_args += ["--train_batch_size", "8", "--train_data_dir", train_dir, "--output_dir", run]
+    training_args += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none"]
+    run_script(SCRIPT, training_args)
     env = cli_env(tmp_path)
     run_cli(
         ["audit", "--pipeline", run, "--train_data_dir", train_dir, "--held_out_dir", held_out_dir]
@@ -171,6 +173,25 @@ def test_train_audit_publish_and_push_from_the_command_line(tmp_path):
     assert hub.commits == [files]
     # (that such a folder loads by repo id in a fresh interpreter and samples the same images: tests/test_hub.py)
 
+    # the training script publishes the same way: the finished run, resumed, pushes with the audit in its card
+    weights = (run / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    command, launch_env = launch_command(
+        SCRIPT,
+        [*training_args, "--resume_from_checkpoint", "latest"]
+        + ["--push_to_hub", "--hub_model_id", REPO_ID]
+        + ["--audit_report", tmp_path / "audit" / "report.json"],
+    )
+    with FakeHub() as hub:
+        launch_env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=env["HF_HOME"])
+        out = subprocess.run(command, env=launch_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    script_folder = run / "hub"
+    files = {p.relative_to(script_folder).as_posix(): p.read_bytes() for p in script_folder.rglob("*") if p.is_file()}
+    assert hub.commits == [files]
+    script_card = ModelCard.load(script_folder / "README.md")
+    assert script_card.text.split("## Memorization audit", 1)[1] == section
+    assert files["unet/diffusion_pytorch_model.safetensors"] == weights  # the audited model, not trained further
+
 
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory):
@@ -209,7 +230,7 @@ def test_publish_refuses_bad_arguments_before_writing(saved_pipeline, tmp_path, 
     # a valid report of another pipeline
     pipe = DiffusionPipeline.from_pretrained(saved_pipeline)
     digits = load_digits_images(16)[0] / 2 + 0.5
-    audit_pipeline(pipe, digits[:10], digits[10:20], tmp_path / "audit", num_samples=2, num_inference_steps=2)
+    audit_pipeline(pipe, digits[:10], digits[10:20], tmp_path / "audit", num_samples=2, num_inference_steps=2, quality=False)
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     AuditReport.from_dict(report)
     report["pipeline_class"] = "StableDiffusionPipeline"
@@ -217,3 +238,14 @@ def test_publish_refuses_bad_arguments_before_writing(saved_pipeline, tmp_path, 
     message = publish("--audit", str(tmp_path / "other.json"))
     assert f"audits a StableDiffusionPipeline, but {saved_pipeline} holds a HOLDPipeline" in message
     assert not (tmp_path / "hub").exists()
+
+
+def test_training_refuses_an_audit_report_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--audit_report goes into the model card of --push_to_hub"):
+        make_accelerator(TrainingConfig(output_dir=str(tmp_path), report_to="none", audit_report="report.json"))
+    (tmp_path / "report.json").write_text("[]")
+    config = TrainingConfig(
+        output_dir=str(tmp_path), report_to="none", push_to_hub=True, audit_report=str(tmp_path / "report.json")
+    )
+    with pytest.raises(ValueError, match="report.json must hold a JSON object, not a list"):
+        make_accelerator(config)
