@@ -79,7 +79,7 @@ def main() -> None:
     config = BenchConfig(methods=["ddpm"], train_steps=args.train_steps, num_evaluations=1, seed=args.seed)
     run_bench(config, args.work_dir)
     train, _ = load_bench_data(config)
-    state = torch.load(Path(args.work_dir) / "state" / "ddpm.pt", weights_only=False)
+    state = torch.load(Path(args.work_dir) / "state" / "ddpm.pt", weights_only=True)
     unet, _ = build_model(BENCH_METHODS["ddpm"], config, channels=train.shape[1])
     unet.eval()
     unet.load_state_dict(state["model"])

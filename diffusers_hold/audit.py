@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,22 +36,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, is_real_number
-from .metrics import MemorizationReport, QualityReport, nn_ratio_memorization, quality_report
+from .metrics import MemorizationReport, QualityReport, check_quality_sizes, nn_ratio_memorization, quality_report
 from .utils import image_grid, to_pil_image
 
 __all__ = [
     "REPORT_FORMAT_VERSION",
     "AuditReport",
     "audit_pipeline",
+    "check_output_dir",
     "default_num_inference_steps",
     "generate_images",
     "is_text_conditional",
 ]
 
-# the default PCA of the quality metrics has 32 components and needs more held-out images than that; its k-NN
-# precision and recall (k = 5) need k + 1 generations
-MIN_HELD_OUT_FOR_QUALITY = 33
-MIN_GENERATED_FOR_QUALITY = 6
+# the quality metrics' feature space: a PCA of the held-out images with at most this many components
+PCA_COMPONENTS = 32
 # Version of the report.json layout written by AuditReport.to_json and read by AuditReport.from_json; raise it when
 # the layout changes, so that an old reader refuses a new file instead of misreading it.
 REPORT_FORMAT_VERSION = 1
@@ -510,6 +510,7 @@ def audit_pipeline(
     num_inference_steps: int | None = None,
     seed: int = 0,
     num_copies_shown: int = 8,
+    quality: bool = True,
 ) -> AuditReport:
     """Generate with ``pipeline``, measure memorization and quality against the data, and write the report files.
 
@@ -526,11 +527,21 @@ def audit_pipeline(
             at (:func:`default_num_inference_steps`: a HOLD scheduler's recommendation for its solver, else the
             pipeline's own default). The report records the count, where it came from and the scheduler's config.
         num_copies_shown (`int`, defaults to 8): pairs in ``copies.png``.
+        quality (`bool`, defaults to `True`): also measure the Fréchet distance and precision / recall, which need
+            more held-out images than PCA components (33 for images of 32 or more elements) and 6 generations and
+            training images; too few raise before anything is generated. `False` measures memorization only.
 
     Returns:
         [`AuditReport`]: what was measured; also written to ``report.json``.
+
+    Raises:
+        `ValueError`: before any generation, when ``output_dir`` cannot be written or (with ``quality``) the sets are
+            too small for the quality metrics.
     """
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir)
+    if quality:
+        dim = train_images[0].numel()
+        check_quality_sizes(num_samples, len(train_images), len(held_out_images), dim, n_components=PCA_COMPONENTS)
     sampler = _sampler_settings(pipeline, num_inference_steps)
     generated, used_prompts = generate_images(
         pipeline,
@@ -546,12 +557,12 @@ def audit_pipeline(
             f"{tuple(train_images.shape[1:])}; load the data at the generations' size and channels."
         )
     memorization = nn_ratio_memorization(generated, train_images, held_out_images, progress=True)
-    quality = None
-    if len(held_out_images) >= MIN_HELD_OUT_FOR_QUALITY and len(generated) >= MIN_GENERATED_FOR_QUALITY:
-        quality = quality_report(generated, train_images, held_out_images, progress=True)
+    scores = None
+    if quality:
+        scores = quality_report(generated, train_images, held_out_images, n_components=PCA_COMPONENTS, progress=True)
     report = AuditReport(
         memorization=memorization,
-        quality=quality,
+        quality=scores,
         pipeline_class=type(pipeline).__name__,
         prompts=used_prompts,
         settings={
@@ -562,7 +573,6 @@ def audit_pipeline(
             **sampler,
         },
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
     copies = _write_copies(output_dir / "copies.png", generated, train_images, memorization, num_copies_shown)
     report.files = {
         "copies": str(copies),
@@ -574,6 +584,21 @@ def audit_pipeline(
     markdown = report.to_markdown() + "\n\n![closest generations and their nearest training images](copies.png)\n"
     (output_dir / "report.md").write_text("# Memorization audit\n\n" + markdown)
     return report
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` (with its parents) and check that files can be written in it; raise naming it otherwise.
+
+    The audit calls this before it generates anything, so that an unwritable folder costs no work.
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise ValueError(f"Cannot write the audit's files to {output_dir}: {error.strerror or error}.") from error
+    return output_dir
 
 
 def _write_copies(path: Path, generated, train, memorization: MemorizationReport, count: int) -> Path:

@@ -35,9 +35,10 @@ __all__ = ["main"]
 def _audit(args: argparse.Namespace) -> None:
     from diffusers import DiffusionPipeline
 
-    from .audit import audit_pipeline, generate_images, is_text_conditional
+    from .audit import audit_pipeline, check_output_dir, generate_images, is_text_conditional
     from .image_data import load_image_folder
 
+    check_output_dir(args.output_dir)  # before any work: an unwritable folder would lose all of it
     pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     # the data must be compared at the generations' size and channels: read them off one generation
@@ -65,6 +66,7 @@ def _audit(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps,
         seed=args.seed,
+        quality=not args.skip_quality,
     )
     print(report.to_markdown())
     print(f"\nreport: {report.files['markdown']}")
@@ -165,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--output_dir", required=True)
+    audit.add_argument(
+        "--skip_quality",
+        action="store_true",
+        help="Measure memorization only, without the Frechet distance and precision/recall (which need at least 33 "
+        "held-out images).",
+    )
     audit.set_defaults(run=_audit)
     publish = commands.add_parser(
         "publish", help="Write a saved pipeline and its model card (with a memorization audit) for the Hub; upload it."

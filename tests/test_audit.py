@@ -66,9 +66,15 @@ def test_text_to_image_audit_uses_the_prompts_in_turn(tmp_path):
     train = torch.rand(10, *generated.shape[1:], generator=torch.Generator().manual_seed(0))
     held_out = torch.rand(5, *generated.shape[1:], generator=torch.Generator().manual_seed(1))
     prompts = ["a cat", "a dog", "a bird"]
-    report = audit_pipeline(
-        pipe, train, held_out, tmp_path, num_samples=5, prompts=prompts, batch_size=2, num_inference_steps=2
-    )
+    settings = {"num_samples": 5, "prompts": prompts, "batch_size": 2, "num_inference_steps": 2}
+    # too few held-out images for the PCA features: an error before anything is generated, unless quality=False
+    forwards = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: forwards.append(1))
+    with pytest.raises(ValueError, match=r"5 held-out images \(at least 33\), 5 generated images \(at least 6\)"):
+        audit_pipeline(pipe, train, held_out, tmp_path / "quality", **settings)
+    assert not forwards and not (tmp_path / "quality" / "report.json").exists()
+    hook.remove()
+    report = audit_pipeline(pipe, train, held_out, tmp_path, quality=False, **settings)
     assert report.prompts == ["a cat", "a dog", "a bird", "a cat", "a dog"]
     assert report.quality is None  # too few held-out images for the PCA: reported as absent, not guessed
     with pytest.raises(ValueError, match="needs prompts"):
@@ -86,7 +92,7 @@ def test_audit_command_and_model_card_section(tmp_path):
         Image.fromarray(((images[i, 0] + 1) * 127.5).round().byte().numpy(), mode="L").save(held / f"{i}.png")
     command = [sys.executable, "-m", "diffusers_hold.cli", "audit", "--pipeline", tmp_path / "pipe"]
     command += ["--train_data_dir", tmp_path / "train", "--held_out_dir", held, "--num_samples", "4"]
-    command += ["--num_inference_steps", "3", "--output_dir", tmp_path / "audit"]
+    command += ["--num_inference_steps", "3", "--output_dir", tmp_path / "audit", "--skip_quality"]
     out = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memorized generations" in out.stdout
@@ -94,7 +100,8 @@ def test_audit_command_and_model_card_section(tmp_path):
     assert saved["memorization"]["num_train"] == 60 and saved["settings"]["image_shape"] == [1, 16, 16]
 
     train, _ = load_image_folder(train_data_dir=tmp_path / "train", resolution=16, num_channels=1)
-    report = audit_pipeline(pipe, train, train[:10], tmp_path / "again", num_samples=2, num_inference_steps=3)
+    report = audit_pipeline(pipe, train, train[:10], tmp_path / "again", num_samples=2, num_inference_steps=3,
+                            quality=False)  # fmt: skip
     card = hub.create_model_card(pipe, memorization_audit=report, repo_id="me/hold")
     assert "## Memorization audit" in card.text and "distinct training images copied" in card.text
     metadata = ModelCard(str(card)).data.to_dict()
@@ -267,6 +274,27 @@ def test_an_under_sampled_memorizer_is_not_reported_as_less_memorized(digits, tm
 def test_a_stock_pipeline_keeps_its_own_default_step_count(digits, tmp_path):
     pipe = DDIMPipeline(unet=OptimalEmpiricalDenoiser.from_images(digits[:8] * 2 - 1), scheduler=DDIMScheduler())
     assert default_num_inference_steps(pipe) == (50, "pipeline")  # DDIMPipeline.__call__'s default
-    report = audit_pipeline(pipe, digits[:8], digits[100:110], tmp_path, num_samples=2, num_inference_steps=None)
+    report = audit_pipeline(
+        pipe, digits[:8], digits[100:110], tmp_path, num_samples=2, num_inference_steps=None, quality=False
+    )
     assert report.settings["num_inference_steps"] == 50 and report.settings["num_inference_steps_source"] == "pipeline"
     assert "50 steps (the default of `DDIMPipeline`)" in report.to_markdown()
+
+
+def test_an_unwritable_output_folder_fails_before_anything_is_generated(tmp_path):
+    pipe = unconditional_pipeline()
+    forwards = []
+    pipe.unet.register_forward_pre_hook(lambda *_: forwards.append(1))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    images = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"Cannot write the audit's files to {blocked}"):
+        audit_pipeline(pipe, images[:8], images[8:], blocked, num_samples=8, num_inference_steps=2)
+    assert not forwards and blocked.read_text() == "not a folder"
+    # the command checks the folder before it loads the pipeline or any data
+    pipe.save_pretrained(tmp_path / "pipe")
+    command = [sys.executable, "-m", "diffusers_hold.cli", "audit", "--pipeline", str(tmp_path / "pipe"),
+               "--train_data_dir", str(tmp_path / "missing"), "--held_out_dir", str(tmp_path / "missing"),
+               "--output_dir", str(blocked / "audit")]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode != 0 and f"Cannot write the audit's files to {blocked / 'audit'}" in out.stderr

@@ -59,7 +59,7 @@ def test_ensemble_pruning_and_guidance_methods_run_side_by_side(tmp_path):
     methods = ["ddpm", "iet", "iet_agc", "prune", "prune_random", "amg"]
     config = BenchConfig(methods=methods, train_steps=40, num_evaluations=2, **TINY)
     results = {r["method"]: r for r in run_bench(config, tmp_path, progress=False)}
-    states = {name: torch.load(tmp_path / "state" / f"{name}.pt", weights_only=False) for name in methods[:-1]}
+    states = {name: torch.load(tmp_path / "state" / f"{name}.pt", weights_only=True) for name in methods[:-1]}
     # IET: 5 rounds of four shards per evaluation; the evaluated model is the last round's global average
     ensemble = states["iet"]["callbacks"]["callbacks"][1]["state"]
     assert ensemble["round"] == 10 and ensemble["shard"] == 0 and sorted(map(len, ensemble["shards"])) == [4] * 4
@@ -86,7 +86,7 @@ def test_text_conditional_methods_train_on_captions_and_sample_with_guidance_hoo
                "t2i_opposite_guidance", "t2i_amg"]  # fmt: skip
     config = BenchConfig(methods=methods, train_steps=8, num_evaluations=1, **TINY)
     results = {r["method"]: r for r in run_bench(config, tmp_path, progress=False)}
-    state = torch.load(tmp_path / "state" / "t2i.pt", weights_only=False)
+    state = torch.load(tmp_path / "state" / "t2i.pt", weights_only=True)
     assert any("attn2.to_k" in key for key in state["model"])  # cross-attention on the caption states
     # the inference-time methods sample the same model differently; the guidance hooks did change the samples
     assert results["t2i_delayed_guidance"]["frechet_distance"] != results["t2i"]["frechet_distance"]
@@ -126,10 +126,10 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (interrupted / "results.json").exists()
-    assert torch.load(interrupted / "state" / "ddpm.pt", weights_only=False)["step"] == 60
+    assert torch.load(interrupted / "state" / "ddpm.pt", weights_only=True)["step"] == 60
     subprocess.run(bench_command(interrupted), env=env, check=True, capture_output=True, timeout=600)
-    straight = torch.load(tmp_path / "straight" / "state" / "ddpm.pt", weights_only=False)
-    resumed = torch.load(interrupted / "state" / "ddpm.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "state" / "ddpm.pt", weights_only=True)
+    resumed = torch.load(interrupted / "state" / "ddpm.pt", weights_only=True)
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
     assert [p["memorized"] for p in resumed["curve"]] == [p["memorized"] for p in straight["curve"]]
@@ -190,3 +190,36 @@ def test_an_image_folder_is_the_data_of_a_run(tmp_path):
     results = run_bench(config, tmp_path / "run", progress=False)
     assert results[0]["method"] == "ddpm" and 0 <= results[0]["memorized"] <= 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(folder)
+
+
+class _Marker:
+    """Unpickling this object creates a file: a stand-in for code a foreign state file could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_data_and_sizes_are_checked_before_the_folder_is_claimed_and_foreign_state_is_not_unpickled(tmp_path):
+    # a typo in --data, a held-out set too small for the PCA features, too few training images or generations for
+    # precision/recall: each fails before config.json is written or anything is trained
+    for name, settings, message in [
+        ("typo", {"data": str(tmp_path / "digts")}, "image folder"),
+        ("held_out", {"held_out_size": 20}, r"20 held-out images \(at least 33\)"),
+        ("train", {"train_size": 4}, r"4 training images \(at least 6\)"),
+        ("samples", {"num_samples": 5}, r"5 generated images \(at least 6\)"),
+    ]:
+        config = BenchConfig(methods=["ddpm"], train_steps=2, num_evaluations=1, **{**TINY, **settings})
+        with pytest.raises(ValueError, match=message):
+            run_bench(config, tmp_path / name, progress=False)
+        assert not (tmp_path / name).exists()
+    # a state file holding anything but tensors and plain values is refused, naming it, and its code does not run
+    out, marker = tmp_path / "foreign", tmp_path / "code_ran"
+    (out / "state").mkdir(parents=True)
+    torch.save({"model": _Marker(marker)}, out / "state" / "ddpm.pt")
+    config = BenchConfig(methods=["ddpm"], train_steps=2, num_evaluations=1, **TINY)
+    with pytest.raises(ValueError, match=r"ddpm\.pt holds objects other than tensors"):
+        run_bench(config, out, progress=False)
+    assert not marker.exists()

@@ -24,7 +24,7 @@ text-conditional methods) and :mod:`.cli` (the flags).
 
 from .cli import build_parser, config_from_args, main, run_from_args
 from .methods import BENCH_METHODS, DEFAULT_METHODS, BenchConfig, BenchMethod
-from .report import evaluate, results_table, write_figures
+from .report import check_evaluation_sizes, evaluate, results_table, write_figures
 from .run import build_model, load_bench_data, run_bench, train_and_evaluate
 from .text import BenchTextEncoder, bench_caption
 
@@ -35,6 +35,7 @@ __all__ = [
     "BenchMethod",
     "BenchTextEncoder",
     "bench_caption",
+    "check_evaluation_sizes",
     "build_model",
     "build_parser",
     "config_from_args",

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..metrics import nn_ratio_memorization, quality_report
+from ..metrics import check_quality_sizes, nn_ratio_memorization, quality_report
 from ..utils import image_grid, to_pil_image
 from .methods import BenchConfig
 
-__all__ = ["evaluate", "public_scores", "results_table", "write_figures"]
+__all__ = ["check_evaluation_sizes", "evaluate", "public_scores", "results_table", "write_figures"]
+
+# the feature space of the quality scores: a PCA of the held-out images with at most this many components
+PCA_COMPONENTS = 32
 
 
 def _bootstrap_interval(memorized: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
@@ -29,7 +32,7 @@ def evaluate(generated: torch.Tensor, train: torch.Tensor, held_out: torch.Tenso
     the figures; :func:`public_scores` leaves them out.
     """
     memorization = nn_ratio_memorization(generated, train, held_out=held_out)
-    quality = quality_report(generated, train, held_out, n_components=min(32, train[0].numel()))
+    quality = quality_report(generated, train, held_out, n_components=min(PCA_COMPONENTS, train[0].numel()))
     low, high = _bootstrap_interval(memorization.memorized, config.bootstrap, config.seed)
     return {
         "memorized": memorization.fraction_memorized,
@@ -44,6 +47,12 @@ def evaluate(generated: torch.Tensor, train: torch.Tensor, held_out: torch.Tenso
         "_ratio": memorization.ratio,
         "_nearest": memorization.nearest_index,
     }
+
+
+def check_evaluation_sizes(config: BenchConfig, train: torch.Tensor, held_out: torch.Tensor) -> None:
+    """Raise before any training when :func:`evaluate` could not score this run: too few held-out, training or
+    generated images for the quality metrics (see :func:`~diffusers_hold.metrics.check_quality_sizes`)."""
+    check_quality_sizes(config.num_samples, len(train), len(held_out), train[0].numel(), n_components=PCA_COMPONENTS)
 
 
 def public_scores(scores: dict) -> dict:

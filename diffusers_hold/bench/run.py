@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..pipelines import HOLDPipeline
 from ..schedulers import HOLDScheduler
 from ..utils import atomic_output
 from .methods import BENCH_METHODS, BenchConfig, BenchMethod
-from .report import evaluate, public_scores, results_table, write_figures
+from .report import check_evaluation_sizes, evaluate, public_scores, results_table, write_figures
 from .text import BenchTextEncoder, bench_caption
 
 __all__ = ["build_model", "load_bench_data", "run_bench", "train_and_evaluate"]
@@ -312,7 +313,15 @@ def _save_state(state: dict, path: Path) -> None:
 
 
 def _load_state(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    """A state file of this benchmark: tensors and plain values only (``weights_only``), so a state folder from
+    elsewhere cannot run code when it is resumed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain values, so it is not a state file of this benchmark; "
+            "it was not loaded. Delete it to train the method again, or use another --output_dir."
+        ) from error
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -328,7 +337,6 @@ def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool
     """
     out = Path(output_dir)
     state_dir = out / "state"
-    state_dir.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
     settings = asdict(config)
     settings["block_out_channels"] = list(config.block_out_channels)
@@ -337,8 +345,11 @@ def run_bench(config: BenchConfig, output_dir: str | os.PathLike, progress: bool
         shared = {k: v for k, v in saved.items() if k != "methods"}
         if shared != {k: v for k, v in settings.items() if k != "methods"}:
             raise ValueError(f"{out} holds a run with other settings ({config_path}); use another --output_dir.")
-    _write_json(settings, config_path)
+    # everything that can fail on the data fails here, before the folder is claimed by config.json
     train, held_out = load_bench_data(config)
+    check_evaluation_sizes(config, train, held_out)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(settings, config_path)
     results, generated = [], {}
     for name in tqdm(config.methods, desc="methods", disable=not progress):
         method = BENCH_METHODS[name]

@@ -27,6 +27,7 @@ __all__ = [
     "QualityReport",
     "frechet_distance",
     "frechet_distance_from_features",
+    "check_quality_sizes",
     "precision_recall",
     "quality_report",
 ]
@@ -387,6 +388,32 @@ def _describe(extractor: FeatureExtractor) -> str:
     if isinstance(extractor, PCAFeatures):
         return repr(extractor)
     return getattr(extractor, "__qualname__", type(extractor).__qualname__)
+
+
+def check_quality_sizes(
+    num_generated: int, num_train: int, num_held_out: int, image_dim: int, n_components: int = 32, k: int = 5
+) -> None:
+    """Raise before any work when :func:`quality_report` with its default PCA features cannot run on sets of these
+    sizes, naming what is missing.
+
+    The PCA is fitted on the held-out images and has ``min(n_components, image_dim)`` components, which takes more
+    held-out images than components; precision and recall take ``k + 1`` images in every set (the held-out images
+    are the real set for the generations and for the training images, which give the floor).
+
+    Args:
+        num_generated (`int`), num_train (`int`), num_held_out (`int`): the sizes of the three sets.
+        image_dim (`int`): elements per image.
+        n_components (`int`, defaults to 32), k (`int`, defaults to 5): the settings of :func:`quality_report`.
+    """
+    components = min(n_components, image_dim)
+    needed = {"held-out": max(components + 1, k + 1), "generated": k + 1, "training": k + 1}
+    sizes = {"held-out": num_held_out, "generated": num_generated, "training": num_train}
+    short = [f"{sizes[name]} {name} images (at least {needed[name]})" for name in needed if sizes[name] < needed[name]]
+    if short:
+        raise ValueError(
+            f"The quality metrics (Frechet distance and precision/recall in a {components}-component PCA space, "
+            f"k = {k}) need more images: {', '.join(short)}."
+        )
 
 
 def quality_report(
