@@ -53,6 +53,8 @@ class TrainingConfig:
 
         checkpointing_steps (`int`, defaults to 500), checkpoints_total_limit (`int`, *optional*),
             resume_from_checkpoint (`str`, *optional*; `"latest"` or a checkpoint folder): checkpoints.
+        overwrite_output_dir (`bool`): delete another run's checkpoints, record and pipeline index in ``output_dir``
+            and start afresh, instead of refusing to (see :meth:`diffusers_hold.checkpoints.CheckpointManager.claim`).
         validation_steps (`int`, *optional*), num_validation_images (`int`, defaults to 16),
             validation_inference_steps (`int`, defaults to 100): validation grids.
         report_to (`str`, defaults to `"tensorboard"`): an accelerate tracker, or `"none"`.
@@ -126,6 +128,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     validation_steps: int | None = None
     num_validation_images: int = 16
     validation_inference_steps: int = 100
@@ -243,6 +246,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     output.add_argument("--checkpointing_steps", type=int)
     output.add_argument("--checkpoints_total_limit", type=int)
     output.add_argument("--resume_from_checkpoint", help='"latest" or a checkpoint folder.')
+    output.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete the checkpoints and saved pipeline index of another run in --output_dir and start afresh "
+        "(without it, such a folder is refused).",
+    )
     output.add_argument("--validation_steps", type=int, help="Write a grid of samples every N steps.")
     output.add_argument("--num_validation_images", type=int)
     output.add_argument("--validation_inference_steps", type=int)

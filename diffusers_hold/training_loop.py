@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .audit import AuditReport
+from .checkpoints import CheckpointManager, NoiseGenerator, run_fingerprint
 from .image_data import ImageTrainingDataset, collate_examples, load_image_dataset, prepare_training_dataset
 from .mitigations import (
     AntiGradientControl,
@@ -42,8 +43,6 @@ from .mitigations import (
 )
 from .training_config import TrainingConfig
 from .training_utils import (
-    CheckpointManager,
-    NoiseGenerator,
     build_timestep_sampler,
     check_replicas_agree,
     check_tracker_available,
@@ -243,10 +242,11 @@ def train(
     if ensemble is not None:
         ensemble.ema = ema
     callback_list = _callback_list(config, noise_scheduler, train_dataset, encode, ema, ensemble, callbacks)
-    accelerator.register_for_checkpointing(callback_list)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    # the callbacks' and the EMA's state go into the checkpoints as safetensors + JSON, not as accelerate's pickles
+    states = {"callbacks": callback_list} if ema is None else {"callbacks": callback_list, "ema": ema}
+    fingerprint = run_fingerprint({**(hyperparameters or {}), **asdict(config)})
     run = _Run(
         config=config,
         accelerator=accelerator,
@@ -257,13 +257,13 @@ def train(
         state=TrainingState(noise_scheduler, model, accelerator, optimizer=optimizer, updates_per_epoch=per_epoch),
         encode=encode,
         noise_generator=NoiseGenerator(config.seed, accelerator.process_index),
-        checkpoints=CheckpointManager(config.output_dir, config.checkpoints_total_limit),
+        checkpoints=CheckpointManager(config.output_dir, config.checkpoints_total_limit, fingerprint, states),
         trainable_parameters=trainable_parameters,
         ema=ema,
         build_pipeline=build_pipeline,
         validation_kwargs=validation_kwargs or {},
     )
-    global_step = run.resume()
+    global_step = run.start()
     if accelerator.is_main_process and config.report_to != "none":
         settings = {**(hyperparameters or {}), **asdict(config), "max_train_steps": max_train_steps}
         accelerator.init_trackers(project_name, config={k: str(v) for k, v in settings.items()})
@@ -335,16 +335,18 @@ class _Run:
     build_pipeline: Callable
     validation_kwargs: dict
 
-    def resume(self) -> int:
-        """Delete unfinished checkpoints; restore the one ``config.resume_from_checkpoint`` names. The global step."""
-        self.checkpoints.remove_unfinished(self.accelerator)
-        if self.config.resume_from_checkpoint is None:
-            return 0
-        checkpoint = self.checkpoints.resolve(self.config.resume_from_checkpoint)
+    def start(self) -> int:
+        """Claim the output folder for this run (:meth:`CheckpointManager.claim`: another run's checkpoints or
+        pipeline are refused before any update) and restore the checkpoint to resume from, if any. The global step."""
+        config, accelerator = self.config, self.accelerator
+        checkpoint = self.checkpoints.claim(accelerator, config.resume_from_checkpoint, config.overwrite_output_dir)
         if checkpoint is None:
-            logger.info("No checkpoint to resume from; starting a new run.")
+            if config.resume_from_checkpoint is not None:
+                logger.info("No checkpoint to resume from; starting a new run.")
             return 0
-        global_step = self.checkpoints.load(self.accelerator, checkpoint, self.noise_generator)
+        global_step = self.checkpoints.load(accelerator, checkpoint, self.noise_generator)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)  # the restored EMA weights are read onto the CPU
         logger.info(f"Resumed from {checkpoint} at step {global_step}.")
         return global_step
 

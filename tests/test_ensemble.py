@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+from diffusers_hold.checkpoints import load_state_files, save_state_files
 from diffusers_hold.data import write_digits_imagefolder
 from diffusers_hold.mitigations import (
     CallbackList,
@@ -198,16 +199,19 @@ def test_frozen_weights_are_neither_averaged_nor_stored():
     assert set(ensemble.global_weights) == trainable | {name for name, _ in run["model"].named_buffers()}
 
 
-def test_resume_mid_round_gives_the_weights_of_an_uninterrupted_run():
+def test_resume_mid_round_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     straight = make_run()
     run_updates(straight, 9)
     first = make_run()
     run_updates(first, 3)  # round 0, in shard 1
     buffer = io.BytesIO()
-    torch.save({"model": first["model"].state_dict(), "optimizer": first["optimizer"].state_dict(),
-                "ema": first["ema"].state_dict(), "callbacks": first["callbacks"].state_dict()}, buffer)  # fmt: skip
+    torch.save({"model": first["model"].state_dict(), "optimizer": first["optimizer"].state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)
+    # the ensemble's and the EMA's state as the training checkpoints store them: safetensors + JSON, no pickle
+    save_state_files(first["ema"].state_dict(), tmp_path, "ema")
+    save_state_files(first["callbacks"].state_dict(), tmp_path, "callbacks")
+    saved.update(ema=load_state_files(tmp_path, "ema"), callbacks=load_state_files(tmp_path, "callbacks"))
     resumed = make_run(seed=5)  # other initial weights and timestep seed: everything must come from the state
     resumed["model"].load_state_dict(saved["model"])
     resumed["optimizer"].load_state_dict(saved["optimizer"])

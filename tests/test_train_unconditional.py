@@ -32,6 +32,13 @@ def run(args, **kwargs):
     return run_script(SCRIPT, args, **kwargs)
 
 
+def fails(*args):
+    """The script's stderr on a run that must fail (run without accelerate launch: it fails before training)."""
+    out = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    return out.stderr
+
+
 def weights(folder):
     return load_file(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -54,6 +61,16 @@ def test_hold_training_run_saves_a_loadable_pipeline_grids_logs_and_limited_chec
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert images.images.shape == (2, 16, 16, 1) and np.isfinite(images.images).all()
+    # the callbacks' and the EMA's state are safetensors + JSON beside the run's record, not accelerate's pickles
+    names = {path.name for path in (out / "checkpoint-6").iterdir()}
+    assert {"callbacks.json", "callbacks.safetensors", "ema.json", "ema.safetensors", "run.json"} <= names
+    assert not [name for name in names if name.startswith("custom_checkpoint")]
+    # another run in this folder is refused before it trains, and is told what differs and how to proceed
+    other = [*args, "--seed", "1", "--report_to", "none"]
+    assert "holds checkpoints of a run (checkpoint-4, checkpoint-6): resume it with" in fails(*other)
+    message = fails(*other, "--resume_from_checkpoint", "latest")
+    assert "checkpoint-6 was written by a run with other settings: " in message and "seed 0 there, 1 now" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_ddpm_baseline_from_the_same_script(digits, tmp_path):
@@ -120,11 +137,6 @@ def test_pruning_flags_prune_after_the_given_step_and_keep_the_heads_zero_in_the
 
 
 def test_bad_input_fails_before_training(digits, tmp_path):
-    def fails(*args):
-        out = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-        assert out.returncode != 0
-        return out.stderr
-
     base = [*SMALL[2:], "--output_dir", tmp_path / "x", "--max_train_steps", "1"]
     assert "not a multiple of 2" in fails(*base, "--train_data_dir", digits, "--resolution", "15")
     assert "contains no image files" in fails(*base, "--train_data_dir", tmp_path, "--resolution", "16")

@@ -12,7 +12,7 @@ the benchmark); your own loop does the optimisation around it::
 
     sampler = get_timestep_sampler("snr_interval", noise_scheduler, c_low=0.05, c_high=0.45)
     callbacks = CallbackList([TimestepSamplingCallback(sampler, seed=seed)])
-    accelerator.register_for_checkpointing(callbacks)  # before accelerator.load_state(...)
+    # checkpoint callbacks.state_dict() with the run (diffusers_hold.checkpoints.save_state_files: no pickle)
     state = TrainingState(noise_scheduler=noise_scheduler, model=unet, accelerator=accelerator)
 
     def encode(batch, generator):  # clean model input and extra forward arguments, e.g. VAE latents and text states
@@ -32,7 +32,7 @@ the benchmark); your own loop does the optimisation around it::
                 callbacks.on_step_end(state)                                   # 5. once per optimizer update
                 accelerator.log({"loss": loss.item(), **state.logs}, step=state.global_step)
                 state.logs.clear()
-                # then checkpointing: accelerator.save_state(...) stores the callbacks' state_dict
+                # then checkpointing, e.g. CheckpointManager(..., states={"callbacks": callbacks}).save(...)
 
 Inside :func:`training_step`: ``on_batch`` (1. edit the batch), ``encode``, ``on_conditioning`` (2. edit the
 conditioning), ``sample_timesteps`` (3. timesteps and weights; uniform if no callback supplies them), the noising
@@ -122,7 +122,8 @@ class TrainingCallback:
     The hooks, in the order a step calls them (see the module docstring): :meth:`on_batch`,
     :meth:`on_conditioning`, :meth:`sample_timesteps`, :meth:`on_loss`, :meth:`on_step_end`. A callback with state
     that must survive a resumed run stores it in :meth:`state_dict` (plain Python values and CPU tensors) and
-    restores it in :meth:`load_state_dict`; these two methods make a callback checkpointable by
+    restores it in :meth:`load_state_dict`; these two methods make a callback checkpointable, as safetensors + JSON
+    by :class:`~diffusers_hold.checkpoints.CheckpointManager` (no pickle) or by
     ``accelerate.Accelerator.register_for_checkpointing``.
     """
 
