@@ -230,7 +230,9 @@ def test_publish_refuses_bad_arguments_before_writing(saved_pipeline, tmp_path, 
     # a valid report of another pipeline
     pipe = DiffusionPipeline.from_pretrained(saved_pipeline)
     digits = load_digits_images(16)[0] / 2 + 0.5
-    audit_pipeline(pipe, digits[:10], digits[10:20], tmp_path / "audit", num_samples=2, num_inference_steps=2, quality=False)
+    audit_pipeline(
+        pipe, digits[:10], digits[10:20], tmp_path / "audit", num_samples=2, num_inference_steps=2, quality=False
+    )
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     AuditReport.from_dict(report)
     report["pipeline_class"] = "StableDiffusionPipeline"
