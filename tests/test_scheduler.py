@@ -89,10 +89,10 @@ def test_seeded_generator_is_deterministic(solver):
         return z
 
     assert torch.equal(run(0), run(0))
-    if solver != "ddim":
-        assert not torch.equal(run(0), run(1))
-    else:
+    if solver in ("ddim", "exp_multistep"):  # deterministic (exp_multistep's default algorithm is the ODE's)
         assert torch.equal(run(0), run(1))
+    else:
+        assert not torch.equal(run(0), run(1))
 
 
 def test_device_and_dtype_handling():
@@ -132,6 +132,11 @@ def test_timestep_grids():
     quadratic.set_timesteps(4)
     t = quadratic.timestep_to_time(quadratic.timesteps).numpy()
     np.testing.assert_allclose(t, 1e-3 + (5.0 - 1e-3) * (1 - np.arange(4) / 4) ** 2, rtol=1e-6)
+    log1p = HOLDScheduler(order=2, timestep_spacing="log1p", denoise_final=False)
+    log1p.set_timesteps(4)  # four steps from T down to sampling_eps, equal in log(1 + t)
+    t = log1p.timestep_to_time(log1p.timesteps).numpy()
+    ends = np.log(1.0 + np.array([5.0, 1e-3]))
+    np.testing.assert_allclose(t, np.exp(ends[0] + (ends[1] - ends[0]) * np.arange(4) / 4) - 1.0, rtol=1e-6)
     sscs = HOLDScheduler(order=2, solver="sscs", denoise_final=False)
     sscs.set_timesteps(4)  # evaluated at the interval midpoints
     t = sscs.timestep_to_time(sscs.timesteps).numpy()
