@@ -3,13 +3,17 @@
     python benchmarks/bench_scheduler_overhead.py [--quick]
 
 **Sampling side.** One denoising step of ``HOLDScheduler(order=3)`` (``scale_model_input`` + ``step``, for each
-solver ``euler_maruyama``, ``sscs`` and ``ddim``) on a state of shape ``(2, 3 * 4, 64, 64)`` with a model output of
-shape ``(2, 4, 64, 64)``, float32, against one forward of a ``UNet2DConditionModel`` with Stable Diffusion 1.5's
-configuration and random weights (latents ``(2, 4, 64, 64)``, text states ``(2, 77, 768)``, ``torch.no_grad``). The
-SD UNet reads 4 channels where a HOLD model would read 12: only the costs are compared. The step is timed at the
-first, a middle and the last timestep of a 50-step grid (the middle one goes in the table). The last step of
-``euler_maruyama`` and ``sscs`` is the noise-free final denoising step, so it skips the noise draw and is cheaper.
-Target: the scheduler step costs under 1 % of the UNet forward.
+solver ``euler_maruyama``, ``sscs``, ``ddim`` and ``exp_multistep`` at ``solver_order=3``) on a state of shape
+``(2, 3 * 4, 64, 64)`` with a model output of shape ``(2, 4, 64, 64)``, float32, against one forward of a
+``UNet2DConditionModel`` with Stable Diffusion 1.5's configuration and random weights (latents ``(2, 4, 64, 64)``,
+text states ``(2, 77, 768)``, ``torch.no_grad``). The SD UNet reads 4 channels where a HOLD model would read 12: only
+the costs are compared. The step is timed at the first, a middle and the last timestep of a 50-step grid (the middle
+one goes in the table). The last step of ``euler_maruyama`` and ``sscs`` is the noise-free final denoising step, so
+it skips the noise draw and is cheaper.
+A step repeated at one timestep never reads a multistep history, so every solver is also timed over whole
+trajectories (``trajectory``: all steps in order, per step), where ``exp_multistep`` reads two earlier calls; the
+larger of the two per-step figures is compared with the UNet. Target: the scheduler step costs under 1 % of the UNet
+forward.
 
 **Training side.** A full training step (noising, forward, MSE loss, backward, AdamW step) of a small ``UNet2DModel``
 on a batch of 16 three-channel 32x32 images, with
@@ -51,7 +55,12 @@ from harness import ForeignLoad, environment, finish
 from diffusers_hold import HOLDScheduler
 
 HOLD_ORDER = 3
-SOLVERS = ("euler_maruyama", "sscs", "ddim")
+SOLVERS = {
+    "euler_maruyama": {"solver": "euler_maruyama"},
+    "sscs": {"solver": "sscs"},
+    "ddim": {"solver": "ddim"},
+    "exp_multistep": {"solver": "exp_multistep", "solver_order": 3},
+}
 SAMPLING_TARGET = 0.01  # scheduler step / UNet forward
 TRAINING_TARGET = 1.03  # HOLD / DDPM full training step, same 9-channel UNet
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "scheduler_overhead.json"
@@ -200,8 +209,8 @@ def bench_sampling(args: argparse.Namespace) -> dict[str, Any]:
     model_output = torch.randn(batch, channels, size, size, generator=generator)
 
     solvers: dict[str, Any] = {}
-    for solver in SOLVERS:
-        scheduler = HOLDScheduler(order=HOLD_ORDER, solver=solver)
+    for solver, settings in SOLVERS.items():
+        scheduler = HOLDScheduler(order=HOLD_ORDER, **settings)
         set_timesteps = time_calls(
             lambda s=scheduler: s.set_timesteps(args.num_inference_steps), args.set_timesteps_reps, warmup=0
         )
@@ -222,9 +231,19 @@ def bench_sampling(args: argparse.Namespace) -> dict[str, Any]:
                 **summarize(time_calls(one_step, args.step_reps, args.step_warmup)),
             }
         medians = [per_position[p]["median_s"] for p in positions]
+
+        def trajectory(s=scheduler, g=step_generator) -> None:
+            state = sample
+            for t in s.timesteps:
+                state = s.step(
+                    model_output, t, s.scale_model_input(state, t, full_state=True), generator=g, full_state=True
+                ).prev_sample
+
+        trajectory_times = time_calls(trajectory, max(1, args.step_reps // len(timesteps)), warmup=1)
         solvers[solver] = {
             "set_timesteps": summarize(set_timesteps),
             "step": per_position,
+            "trajectory_per_step": summarize([seconds / len(timesteps) for seconds in trajectory_times]),
             "step_max_over_min": max(medians) / min(medians),
         }
 
@@ -232,7 +251,8 @@ def bench_sampling(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()  # release the SD UNet before the training side
     unet_median = unet_info["forward"]["median_s"]
     for entry in solvers.values():
-        entry["step_middle_over_unet"] = entry["step"]["middle"]["median_s"] / unet_median
+        per_step = max(entry["step"]["middle"]["median_s"], entry["trajectory_per_step"]["median_s"])
+        entry["step_middle_over_unet"] = per_step / unet_median
         entry["step_worst_over_unet"] = max(v["median_s"] for v in entry["step"].values()) / unet_median
         entry["target_met"] = entry["step_middle_over_unet"] < SAMPLING_TARGET
     return {
@@ -355,14 +375,18 @@ def print_report(results: dict[str, Any]) -> None:
     unet = sampling["unet"]["forward"]
     print(f"\nSampling side: HOLD order {HOLD_ORDER}, state {tuple(sampling['shapes']['hold_state'])}, float32")
     print(f"  SD 1.5 UNet forward (batch 2, 4x64x64, no_grad): {fmt_time(unet['median_s'])}  (median of {unet['n']})")
-    header = f"  {'solver':<15}{'first':>12}{'middle':>12}{'last':>12}{'max/min':>9}{'middle/UNet':>13}  target <1%"
+    header = (
+        f"  {'solver':<15}{'first':>12}{'middle':>12}{'last':>12}{'trajectory':>12}{'max/min':>9}{'step/UNet':>13}"
+        "  target <1%"
+    )
     print(header)
     print("  " + "-" * (len(header) - 2))
     for solver, entry in sampling["solvers"].items():
         step = entry["step"]
         print(
             f"  {solver:<15}{fmt_time(step['first']['median_s']):>12}{fmt_time(step['middle']['median_s']):>12}"
-            f"{fmt_time(step['last']['median_s']):>12}{entry['step_max_over_min']:>9.2f}"
+            f"{fmt_time(step['last']['median_s']):>12}{fmt_time(entry['trajectory_per_step']['median_s']):>12}"
+            f"{entry['step_max_over_min']:>9.2f}"
             f"{entry['step_middle_over_unet']:>12.4%}  {'met' if entry['target_met'] else 'MISSED'}"
         )
     one_off = ", ".join(
