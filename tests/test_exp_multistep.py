@@ -7,11 +7,14 @@ import pytest
 import scipy.integrate
 import scipy.linalg
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 from gaussian_reference import GaussianData, exact_sampler_law
+from test_diffusers_contracts import generators
+from test_stock_pipelines import generate, hold_pipeline, record_unet_inputs
 
-from diffusers_hold import HOLDScheduler
+from diffusers_hold import HOLDScheduler, HOLDUNet2DConditionModel
 from diffusers_hold.schedulers.scheduling_hold import ALGORITHM_TYPES
+from diffusers_hold.testing import tiny_stable_diffusion_pipeline
 
 ALGORITHMS = list(ALGORITHM_TYPES)
 
@@ -187,3 +190,89 @@ def test_invalid_settings_raise_clear_errors():
         HOLDScheduler(solver="exp_multistep", algorithm_type="sde-dpmsolver")
     with pytest.raises(ValueError, match="eta"):
         HOLDScheduler(order=2).dynamics.exponential_step(1.0, 0.5, torch.tensor([1.0]), prediction="noise", eta=0.5)
+
+
+# ------------------------------------------------------------------------------------------- in diffusers' pipelines
+FEW_STEP = {"solver": "exp_multistep", "solver_order": 2, "timestep_spacing": "log1p", "denoise_final": False}
+
+
+@pytest.mark.parametrize("algorithm_type", ALGORITHMS)
+def test_stock_pipeline_with_guidance_reproduces_per_image_seeds(algorithm_type):
+    """Classifier-free guidance doubles the batch the scheduler sees; its history must follow the rows, and image i
+    of a batch made with generator=[g_0, g_1, g_2] must equal the image made alone with g_i."""
+    pipe = hold_pipeline(algorithm_type=algorithm_type, **FEW_STEP)
+    seen = record_unet_inputs(pipe)
+    kwargs = {"guidance_scale": 7.5, "num_inference_steps": 5, "output_type": "np"}
+    batch = pipe("a cat", num_images_per_prompt=3, generator=generators(0, 1, 2), **kwargs).images
+    assert batch.shape == (3, 32, 32, 3) and np.isfinite(batch).all()
+    assert len(seen) == 5 and all(x.shape == (6, 12, 16, 16) for x, _ in seen)
+    for model_input, _ in seen:  # the unconditional and conditional halves share the whole state
+        torch.testing.assert_close(model_input[:3], model_input[3:], rtol=0, atol=0)
+    for i in range(3):
+        single = pipe("a cat", generator=torch.Generator().manual_seed(i), **kwargs).images[0]
+        np.testing.assert_allclose(batch[i], single, rtol=0, atol=1e-5)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-2
+
+
+def test_callback_that_replaces_latents_is_read_by_the_next_multistep_update():
+    pipe = hold_pipeline(algorithm_type="dpmsolver++", **FEW_STEP)
+    seen = record_unet_inputs(pipe)
+
+    def replace_at_step_1(pipeline, i, t, tensors):
+        return {"latents": torch.full_like(tensors["latents"], 0.25)} if i == 1 else tensors
+
+    out = generate(pipe, callback_on_step_end=replace_at_step_1, output_type="latent")
+    assert (seen[2][0][:, :4] == 0.25).all() and not (seen[2][0][:, 4:] == 0.25).all()
+    assert torch.isfinite(out).all()
+    unedited = generate(pipe, output_type="latent")
+    assert (out - unedited).abs().max() > 1e-3  # the edit reached the result
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "vp_epsilon"])
+def test_img2img_enters_the_few_step_schedule_at_its_strength(prediction_type):
+    if prediction_type == "epsilon":
+        pipe = hold_pipeline(algorithm_type="sde-dpmsolver++", **FEW_STEP)
+    else:
+        pipe = tiny_stable_diffusion_pipeline()
+        pipe.scheduler = HOLDScheduler.from_config(
+            pipe.scheduler.config, order=3, prediction_type="vp_epsilon", algorithm_type="sde-dpmsolver++", **FEW_STEP
+        )
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    seen = record_unet_inputs(img2img)
+    image = torch.from_numpy(np.random.default_rng(0).random((1, 3, 32, 32)).astype(np.float32))
+    kwargs = {"image": image, "strength": 0.5, "num_inference_steps": 10, "output_type": "np"}
+    batch = img2img(["a cat"] * 2, generator=generators(0, 1), **kwargs).images
+    assert np.isfinite(batch).all()
+    assert [t for _, t in seen] == pytest.approx(img2img.scheduler.timesteps[5:].tolist())
+    single = img2img("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images[0]
+    np.testing.assert_allclose(batch[1], single, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver", "dpmsolver++"])
+def test_zero_shot_equals_the_converted_unet_with_a_native_scheduler(algorithm_type):
+    """A stock UNet sampled zero-shot and the same UNet converted to HOLD (before any training it predicts the HOLD
+    noise that the zero-shot conversion computes) give the same images under the few-step solver."""
+    pipe = tiny_stable_diffusion_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    stock_config = pipe.scheduler.config
+    settings = {"algorithm_type": algorithm_type, **FEW_STEP}
+    pipe.scheduler = HOLDScheduler.from_config(stock_config, order=3, prediction_type="vp_epsilon", **settings)
+    zero_shot = generate(pipe, ["a cat", "a dog"], num_inference_steps=6, output_type="latent")
+    pipe.unet = HOLDUNet2DConditionModel.from_unet(pipe.unet, order=3, scheduler_config=stock_config)
+    pipe.scheduler = HOLDScheduler.from_config(stock_config, **pipe.unet.hold_process_settings(), **settings)
+    converted = generate(pipe, ["a cat", "a dog"], num_inference_steps=6, output_type="latent")
+    assert torch.isfinite(zero_shot).all()
+    torch.testing.assert_close(converted, zero_shot, rtol=1e-4, atol=1e-4 * float(zero_shot.abs().max()))
+
+
+def test_save_and_load_keeps_the_solver_and_the_images(tmp_path):
+    pipe = hold_pipeline(algorithm_type="sde-dpmsolver++", **{**FEW_STEP, "solver_order": 3})
+    expected = generate(pipe, num_inference_steps=6)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is HOLDScheduler
+    for key in ("solver", "solver_order", "algorithm_type", "timestep_spacing", "denoise_final"):
+        assert loaded.scheduler.config[key] == pipe.scheduler.config[key]
+    np.testing.assert_array_equal(generate(loaded, num_inference_steps=6), expected)
