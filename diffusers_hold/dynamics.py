@@ -81,6 +81,44 @@ class LinearStep:
     history_matrices: torch.Tensor | None = None
     transport: torch.Tensor | None = None
 
+    @classmethod
+    def concat(cls, *steps: LinearStep) -> LinearStep:
+        """The rows of ``steps`` one after the other (leading axis); a missing term counts as zero."""
+
+        def join(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            present = next((part for part in parts if part is not None), None)
+            if present is None:
+                return None
+            zeros = [step.state_matrix.new_zeros(len(step.state_matrix), *present.shape[1:]) for step in steps]
+            return torch.cat([zero if part is None else part for part, zero in zip(parts, zeros, strict=True)])
+
+        return cls(
+            torch.cat([step.state_matrix for step in steps]),
+            torch.cat([step.eps_vector for step in steps]),
+            *(join([getattr(step, name) for step in steps]) for name in _OPTIONAL_TERMS),
+        )
+
+
+_OPTIONAL_TERMS = ("noise_matrix", "data_vectors", "history_matrices", "transport")
+
+
+# Magnus substeps are uniform in log(t + _MAGNUS_OFFSET): dense near the data, where Sigma_t^{-1} is stiff.
+_MAGNUS_OFFSET = 0.01
+
+
+def _magnus_substeps(t: torch.Tensor, t_next: torch.Tensor, substeps_per_unit: float) -> torch.Tensor:
+    """Magnus substeps (at least 2) each step from ``t`` to ``t_next`` needs: ``substeps_per_unit`` per unit of
+    ``log(t + 0.01)`` near the data, per unit of ``t`` far from it (the drift's own time scale is O(1))."""
+    log_span = (torch.log(t_next + _MAGNUS_OFFSET) - torch.log(t + _MAGNUS_OFFSET)).abs()
+    return torch.ceil(substeps_per_unit * torch.maximum(log_span, (t_next - t).abs())).clamp_min(2)
+
+
+def _runs_of_similar_length(t: torch.Tensor, t_next: torch.Tensor, substeps_per_unit: float) -> list[slice]:
+    """Consecutive steps whose Magnus substep counts share a power of two, as slices of the step axis."""
+    octave = torch.ceil(torch.log2(_magnus_substeps(t, t_next, substeps_per_unit))).tolist()
+    starts = [0] + [i for i in range(1, len(octave)) if octave[i] != octave[i - 1]]
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [len(octave)], strict=True)]
+
 
 def _as_time(t: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(t, dtype=_F64, device="cpu")
@@ -344,11 +382,10 @@ class HOLDDynamics:
         ``t = 0``), substeps uniform in ``log(t + 0.01)``, ``substeps_per_unit`` per unit of that variable.
         ``generator`` maps times of shape ``(..., S)`` to matrices ``(..., S, d, d)``.
         """
-        offset = 0.01
-        u0, u1 = torch.log(t + offset), torch.log(t_next + offset)
-        substeps = max(2, math.ceil(substeps_per_unit * float((u1 - u0).abs().max())))
+        u0, u1 = torch.log(t + _MAGNUS_OFFSET), torch.log(t_next + _MAGNUS_OFFSET)
+        substeps = int(_magnus_substeps(t, t_next, substeps_per_unit).max())
         fractions = torch.linspace(0.0, 1.0, substeps + 1, dtype=_F64)
-        knots = torch.exp(u0[..., None] + (u1 - u0)[..., None] * fractions) - offset  # (..., substeps + 1)
+        knots = torch.exp(u0[..., None] + (u1 - u0)[..., None] * fractions) - _MAGNUS_OFFSET  # (..., substeps + 1)
         left, width = knots[..., :-1], (knots[..., 1:] - knots[..., :-1])
         gauss = 0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6
         a1 = generator(left + gauss[0] * width)
@@ -448,6 +485,11 @@ class HOLDDynamics:
         history = _as_time(history_times)
         if history.shape[:-1] != t.shape or not torch.equal(history[..., 0], t):
             raise ValueError("history_times must have shape (..., k) with the current time t first.")
+        runs = _runs_of_similar_length(t, t_next, substeps_per_unit) if t.ndim == 1 else [slice(None)]
+        if len(runs) > 1:  # steps batched together share the longest one's substeps; few-step grids end in a long one
+            return LinearStep.concat(
+                *(self.exponential_step(t[r], t_next[r], history[r], prediction, eta, substeps_per_unit) for r in runs)
+            )
         n, k = self.order, history.shape[-1]
         lam_t = self.log_snr(t)
         span = self.log_snr(t_next) - lam_t

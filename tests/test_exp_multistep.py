@@ -192,6 +192,39 @@ def test_invalid_settings_raise_clear_errors():
         HOLDScheduler(order=2).dynamics.exponential_step(1.0, 0.5, torch.tensor([1.0]), prediction="noise", eta=0.5)
 
 
+@pytest.mark.parametrize("prediction", ["noise", "data"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_coefficients_of_a_few_step_grid_match_a_finely_integrated_reference(order, prediction):
+    """Each step gets the Magnus substeps its own length needs (the grid's steps are integrated in runs of similar
+    length): every step's coefficients agree with an integration at 8x the substep density, row by row."""
+    scheduler = HOLDScheduler(order=order, solver="exp_multistep", timestep_spacing="log1p", denoise_final=False)
+    grid = scheduler._spaced_grid(10)
+    start, end = grid[2:-1], grid[3:]
+    history = torch.stack([grid[:-1][torch.arange(2, 10) - j] for j in range(3)], dim=-1)
+    ours = scheduler.dynamics.exponential_step(start, end, history, prediction=prediction)
+    reference = scheduler.dynamics.exponential_step(
+        start[None], end[None], history[None], prediction=prediction, substeps_per_unit=512
+    )  # one batch of steps (no runs), at the longest step's density throughout
+    for mine, fine in [(ours.state_matrix, reference.state_matrix[0]), (ours.data_vectors, reference.data_vectors[0])]:
+        scale = fine.abs().amax(dim=(-1, -2), keepdim=True)
+        assert ((mine - fine).abs() / scale).max() < 2e-6
+
+
+def test_repeated_set_timesteps_gives_the_coefficients_of_its_own_grid():
+    """Coefficients are kept for the last grid; switching grids and back must not mix them up."""
+    settings = {"order": 3, "solver": "exp_multistep", "solver_order": 3, "algorithm_type": "sde-dpmsolver++"}
+    scheduler, fresh = HOLDScheduler(**settings), HOLDScheduler(**settings)
+    fresh.set_timesteps(10)
+    for steps in (10, 25, 10):
+        scheduler.set_timesteps(steps)
+    torch.testing.assert_close(scheduler.timesteps, fresh.timesteps, rtol=0, atol=0)
+    pairs = zip([scheduler._steps, *scheduler._multistep_steps], [fresh._steps, *fresh._multistep_steps], strict=True)
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine.state_matrix, theirs.state_matrix, rtol=0, atol=0)
+        torch.testing.assert_close(mine.data_vectors, theirs.data_vectors, rtol=0, atol=0)
+        torch.testing.assert_close(mine.noise_matrix, theirs.noise_matrix, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- in diffusers' pipelines
 FEW_STEP = {"solver": "exp_multistep", "solver_order": 2, "timestep_spacing": "log1p", "denoise_final": False}
 

@@ -268,6 +268,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self._steps: LinearStep | None = None
+        self._solver_cache: tuple[torch.Tensor, tuple[torch.Tensor, tuple[LinearStep, ...]]] | None = None
         # exp_multistep: the step forms that read 2..solver_order denoised estimates, and the estimates of the
         # previous model calls as (step index, x0_hat) pairs, most recent last
         self._multistep_steps: tuple[LinearStep, ...] = ()
@@ -427,17 +428,22 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             grid = self._spaced_grid(num_intervals)
 
         dyn = self.dynamics
-        start, end = grid[:-1], grid[1:]
-        eval_times, forms = self._solver_steps(start, end)
+        # pipelines call set_timesteps once per generation, and the coefficients depend on the grid alone (the config
+        # is frozen): keep the last grid's
+        if self._solver_cache is not None and torch.equal(self._solver_cache[0], grid):
+            eval_times, forms = self._solver_cache[1]
+        else:
+            eval_times, forms = self._solver_steps(grid[:-1], grid[1:])
+            self._solver_cache = (grid, (eval_times, forms))
         # after a step the sample is at the next grid time; SSCS leaves it at the next midpoint (its first half flow
         # is skipped, so it starts at grid[0]), and the denoising step takes it to t = 0
-        ends = torch.cat([eval_times[1:], grid[-1:]]) if cfg.solver == "sscs" else end
+        ends = torch.cat([eval_times[1:], grid[-1:]]) if cfg.solver == "sscs" else grid[1:]
         sample_times = [grid[:1], ends] + ([grid.new_zeros(1)] if cfg.denoise_final else [])
         self.trajectory_times = torch.cat(sample_times)
         if cfg.denoise_final:
             final = dyn.denoise_step(grid[-1:])
             eval_times = torch.cat([eval_times, grid[-1:]])
-            forms = tuple(_concat_steps(form, final) for form in forms)
+            forms = tuple(LinearStep.concat(form, final) for form in forms)
         self._steps, self._multistep_steps = forms[0], forms[1:]
         self._data_history = []
         self._eval_times = eval_times
@@ -498,7 +504,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             prediction, eta = ALGORITHM_TYPES[cfg.algorithm_type]
             step = dyn.exponential_step(start[rows], end[rows], history, prediction=prediction, eta=eta)
             unused = LinearStep(start.new_zeros(k - 1, n, n), start.new_zeros(k - 1, n), None)
-            forms.append(_concat_steps(unused, step))
+            forms.append(LinearStep.concat(unused, step))
         return start, tuple(forms)
 
     def _zero_shot_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -902,26 +908,6 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 f"Expected a HOLD state of shape (batch, order * C, ...) with order {n}, got {tuple(state.shape)}."
             )
         return state.shape[1] // n
-
-
-def _concat_steps(first: LinearStep, second: LinearStep) -> LinearStep:
-    """The rows of ``first`` followed by those of ``second``; a missing noise or data term counts as zero."""
-
-    def join(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        if a is None and b is None:
-            return None
-        a = b.new_zeros(len(first.state_matrix), *b.shape[1:]) if a is None else a
-        b = a.new_zeros(len(second.state_matrix), *a.shape[1:]) if b is None else b
-        return torch.cat([a, b])
-
-    return LinearStep(
-        torch.cat([first.state_matrix, second.state_matrix]),
-        torch.cat([first.eps_vector, second.eps_vector]),
-        join(first.noise_matrix, second.noise_matrix),
-        join(first.data_vectors, second.data_vectors),
-        join(first.history_matrices, second.history_matrices),
-        join(first.transport, second.transport),
-    )
 
 
 def _period(sample: torch.Tensor) -> int:
