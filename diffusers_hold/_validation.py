@@ -14,9 +14,16 @@ import torch
 ELEMENT_BUDGET = 1 << 22
 
 
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer number: a Python or numpy integer or a 0-d integer tensor, not a ``bool``."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(value: Any, name: str) -> None:
-    """Raise unless ``value`` is an ``int`` (not a ``bool``) of at least 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """Raise unless ``value`` is an integer (:func:`is_integer`) of at least 1."""
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass, fields
 
+from ._validation import check_positive_int
+
 __all__ = ["TrainingConfig", "add_training_arguments"]
 
 
@@ -137,6 +139,13 @@ class TrainingConfig:
     hub_model_id: str | None = None
     hub_token: str | None = None
     audit_report: str | None = None
+
+    def __post_init__(self):
+        # settings that would otherwise fail deep inside the run, or finish it without training
+        for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "max_train_steps"):
+            value = getattr(self, name)
+            if value is not None or name != "max_train_steps":  # None: the epochs decide
+                check_positive_int(value, f"--{name}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainingConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -59,6 +59,9 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     ``audit_report`` is given without ``push_to_hub`` or is not a valid report (not at the end of the run)."""
     check_tracker_available(config.report_to)
     _load_audit_report(config)
+    if config.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        # accelerate would log fp16 and train in float32
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -122,3 +122,11 @@ def test_save_and_load_in_a_fresh_interpreter_reproduces_images(tmp_path):
     # the in-process loader gives the same pipeline back
     reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(reloaded, HOLDPipeline) and isinstance(reloaded.scheduler, HOLDScheduler)
+
+
+def test_nan_in_the_initial_state_is_named():
+    pipe = tiny_pipeline(order=3)
+    state = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    state[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="and so does the sample: check the initial latents"):
+        pipe(latents=state, num_inference_steps=3, output_type="np")

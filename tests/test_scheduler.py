@@ -368,3 +368,16 @@ def test_step_draws_from_the_discretised_law(order, solver):
     # standard error of a sample covariance entry: sqrt((cov_ij^2 + cov_ii cov_jj) / N)
     se = np.sqrt((cov**2 + np.outer(sd**2, sd**2)) / num)
     assert (np.abs(np.cov(z.T) - cov) < 4 * se + 1e-9).all()
+
+
+def test_set_timesteps_takes_numpy_and_tensor_step_counts():
+    """Step counts computed with numpy or torch (``np.int64``, a 0-d tensor) are integers too."""
+    reference = HOLDScheduler(order=3)
+    reference.set_timesteps(12)
+    for count in (np.int64(12), torch.tensor(12)):
+        scheduler = HOLDScheduler(order=3)
+        scheduler.set_timesteps(count)
+        torch.testing.assert_close(scheduler.timesteps, reference.timesteps, rtol=0, atol=0)
+    for bad in (12.0, np.float64(12), True, torch.tensor([12]), 1):
+        with pytest.raises(ValueError, match="num_inference_steps must be an integer"):
+            HOLDScheduler(order=3).set_timesteps(bad)

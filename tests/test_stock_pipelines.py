@@ -261,3 +261,12 @@ def test_mismatched_components_raise_clear_errors():
     stock.scheduler = HOLDScheduler.from_config(stock.scheduler.config, order=3)
     with pytest.raises(RuntimeError, match="expected input.*to have 4 channels, but got 12"):
         generate(stock)
+
+
+def test_nan_in_the_initial_latents_is_named():
+    """NaN latents used to surface as a batch-size mismatch of the hidden state (NaN rows never compare equal)."""
+    pipe = hold_pipeline()
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or infinite values: check the initial latents"):
+        generate(pipe, latents=latents)

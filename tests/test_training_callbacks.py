@@ -22,6 +22,7 @@ from diffusers_hold.mitigations import (
 )
 from diffusers_hold.objective import per_sample_mse
 from diffusers_hold.training_config import TrainingConfig, add_training_arguments
+from diffusers_hold.training_loop import make_accelerator
 from diffusers_hold.training_utils import build_timestep_sampler
 
 BATCH = 4
@@ -390,3 +391,21 @@ def test_the_timestep_flags_build_the_sampler_they_name():
         assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
     with pytest.raises(ValueError, match="needs --snr_interval_low and --snr_interval_high"):
         build_timestep_sampler(TrainingConfig(output_dir="out", timestep_sampling="snr_interval"), scheduler)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("max_train_steps", 0), ("gradient_accumulation_steps", 0), ("train_batch_size", -1), ("num_train_epochs", 1.5)],
+)
+def test_training_config_refuses_run_lengths_that_would_not_train(flag, value):
+    """`--max_train_steps 0` used to save an untrained pipeline and exit 0; `--gradient_accumulation_steps 0` was a
+    ZeroDivisionError deep in the loop."""
+    with pytest.raises(ValueError, match=f"--{flag} must be a positive integer"):
+        TrainingConfig(output_dir="out", **{flag: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 mixed precision is valid with a GPU")
+def test_fp16_mixed_precision_on_a_cpu_is_refused_before_training(tmp_path):
+    """accelerate would log fp16 and train in float32."""
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU"):
+        make_accelerator(TrainingConfig(output_dir=str(tmp_path), report_to="none", mixed_precision="fp16"))

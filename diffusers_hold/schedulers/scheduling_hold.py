@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._validation import is_integer
 from ..dynamics import HOLDDynamics, LinearStep
 
 __all__ = [
@@ -428,12 +429,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             if not cfg.denoise_final and grid[-1] > cfg.sampling_eps:
                 grid = torch.cat([grid, torch.tensor([cfg.sampling_eps], dtype=torch.float64)])
         else:
-            if not isinstance(num_inference_steps, int) or num_inference_steps < (2 if cfg.denoise_final else 1):
+            if not is_integer(num_inference_steps) or num_inference_steps < (2 if cfg.denoise_final else 1):
                 raise ValueError(
                     "num_inference_steps must be an integer >= 1 (>= 2 with denoise_final), "
                     f"got {num_inference_steps!r}."
                 )
-            num_intervals = num_inference_steps - 1 if cfg.denoise_final else num_inference_steps
+            num_intervals = int(num_inference_steps) - (1 if cfg.denoise_final else 0)
             grid = self._spaced_grid(num_intervals)
 
         dyn = self.dynamics
@@ -631,7 +632,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 f"for a state of {state.shape[1]} channels (order {n})."
             )
         if not torch.isfinite(model_output).all():
-            raise ValueError(f"model_output contains NaN or infinite values at timestep {float(timestep):.4f}.")
+            cause = "" if torch.isfinite(state).all() else ", and so does the sample: check the initial latents"
+            raise ValueError(f"model_output contains NaN or infinite values at timestep {float(timestep):.4f}{cause}.")
 
         dtype, device = state.dtype, state.device
         blocks = state.reshape(state.shape[0], n, -1)  # (batch, n, C * spatial)
@@ -803,6 +805,11 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         by a hash of ``q[i]`` (see the class docstring). Rows repeated in ``sample`` (the copies a pipeline makes for
         classifier-free guidance) are stored once; being equal, they would get equal draws anyway.
         """
+        if not torch.isfinite(sample).all():  # the draw is seeded by the rows' values; NaN would also hide the copies
+            raise ValueError(
+                f"The sample starting a trajectory at step {index} contains NaN or infinite values: check the initial "
+                "latents (or what a callback wrote into them)."
+            )
         base = sample[: _period(sample)]
         n = self.hold_order
         gain, chol = self.dynamics.auxiliary_given_position(self.trajectory_times[index])
