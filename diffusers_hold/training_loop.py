@@ -267,6 +267,11 @@ def train(
         validation_kwargs=validation_kwargs or {},
     )
     global_step = run.start()
+    if global_step > max_train_steps:  # the run would save the checkpoint's later model as if it had stopped here
+        raise ValueError(
+            f"Resumed at step {global_step}, past this run's {max_train_steps} updates (--max_train_steps, or the "
+            "epochs): raise --max_train_steps, or resume from an earlier checkpoint."
+        )
     if accelerator.is_main_process and config.report_to != "none":
         settings = {**(hyperparameters or {}), **asdict(config), "max_train_steps": max_train_steps}
         accelerator.init_trackers(project_name, config={k: str(v) for k, v in settings.items()})

@@ -144,3 +144,11 @@ def test_bad_input_fails_before_training(digits, tmp_path):
     assert "no full batch" in fails(
         *base, "--train_data_dir", digits, "--resolution", "16", "--train_batch_size", "128"
     )
+
+
+def test_resuming_past_max_train_steps_is_refused(digits, tmp_path):
+    """It used to save the checkpoint's step-4 model as the result of a 2-step run, without a word."""
+    common = [*SMALL, "--train_data_dir", digits, "--output_dir", tmp_path, "--report_to", "none"]
+    run([*common, "--max_train_steps", "4", "--checkpointing_steps", "4"])
+    stderr = fails(*common, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "Resumed at step 4, past this run's 2 updates" in stderr
