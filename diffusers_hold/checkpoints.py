@@ -170,9 +170,14 @@ class NoiseGenerator:
         """Restore this process's generator state from ``folder``; raises if the checkpoint has none for it."""
         path = self._path(folder)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was written by a run with fewer processes than this one."
+            others = sorted(Path(folder).glob("noise_generator_*.safetensors"))
+            cause = (
+                f"the checkpoint holds {len(others)} process(es)' generators, so it was written by a run with fewer "
+                "processes than this one"
+                if others and self.process_index >= len(others)
+                else "the checkpoint is incomplete; resume from an earlier one"
             )
+            raise FileNotFoundError(f"{path} is missing: {cause}.")
         self.generator.set_state(load_file(path)["state"])
 
 

@@ -132,3 +132,15 @@ def test_a_folder_belongs_to_the_run_that_wrote_it(tmp_path):
     with pytest.raises(ValueError, match="was started by a run with other settings: seed 1 there, 0 now"):
         CheckpointManager(tmp_path, fingerprint=_fingerprint(hold_order=3)).claim(accelerator)
     assert other.claim(accelerator) is None
+
+
+def test_a_missing_noise_generator_file_says_why(tmp_path):
+    """A deleted file of a one-process checkpoint used to be blamed on "fewer processes"."""
+    for rank in (0, 1):
+        NoiseGenerator(0, rank).save(tmp_path)
+    (tmp_path / "noise_generator_0.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="_0.safetensors is missing: the checkpoint is incomplete"):
+        NoiseGenerator(0, 0).load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds 1 process\\(es\\)' generators, so it was written by"):
+        NoiseGenerator(0, 2).load(tmp_path)
+    NoiseGenerator(0, 1).load(tmp_path)  # the remaining file still loads
