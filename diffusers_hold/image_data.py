@@ -23,13 +23,16 @@ so that a resumed run sees exactly the pixels an uninterrupted one would.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import numpy as np
+import pyarrow
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -110,7 +113,10 @@ def load_image_dataset(
                 f"train_data_dir {folder!r} contains no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})."
             )
         source = f"train_data_dir {folder!r}"
-        loaded = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir)
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir)
+        except pyarrow.ArrowInvalid as error:  # pyarrow's message names neither the file nor the line
+            raise ValueError(f"{source}: {_metadata_problem(folder) or error}") from error
     else:
         name = os.path.expanduser(os.fspath(dataset_name))
         source = f"dataset_name {name!r}"
@@ -120,8 +126,8 @@ def load_image_dataset(
                     f"{source} is a saved data set, which has no configurations; drop dataset_config_name."
                 )
             loaded = datasets.load_from_disk(name)
-        elif (os.path.isabs(name) or name.startswith(".")) and not os.path.exists(name):
-            # an explicit path cannot be a Hub id; say so instead of letting the Hub look-up fail obscurely
+        elif _looks_like_a_path(name) and not os.path.exists(name):
+            # a path cannot be a Hub id; say so instead of letting the Hub look-up fail obscurely
             raise ValueError(f"{source} does not exist.")
         else:
             loaded = datasets.load_dataset(name, dataset_config_name, cache_dir=cache_dir)
@@ -531,6 +537,30 @@ def _contains_image_file(folder: str) -> bool:
         if any(os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES for file_name in file_names):
             return True
     return False
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether a ``dataset_name`` is meant as a local path: absolute, starting with ``.``, deeper than a Hub id's
+    ``owner/name``, or under a folder that exists here."""
+    parts = name.replace(os.sep, "/").split("/")
+    under_a_local_folder = len(parts) == 2 and os.path.isdir(parts[0])
+    return os.path.isabs(name) or name.startswith(".") or len(parts) > 2 or under_a_local_folder
+
+
+def _metadata_problem(folder: str) -> str | None:
+    """The first line of a ``metadata.jsonl`` under ``folder`` that is not a JSON object, described; else None."""
+    for path in sorted(Path(folder).rglob("metadata.jsonl")):
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    valid = isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    valid = False
+                if not valid:
+                    return f"line {number} of {path} is not a JSON object: {line.strip()[:80]!r}"
+    return None
 
 
 def _is_saved_dataset(path: str) -> bool:

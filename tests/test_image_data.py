@@ -520,3 +520,20 @@ def test_a_pixel_space_unet_needs_a_multiple_of_its_own_factor_and_warns_on_anot
         assert not caplog.records
         check_resolution(20, unet=unet)
     assert "Training at 20x20 while the UNet's sample_size corresponds to 16x16" in caplog.text
+
+
+def test_data_errors_name_the_file_and_the_path(tmp_path, monkeypatch):
+    """A broken metadata.jsonl line used to surface as pyarrow's "JSON parse error ... in row 3" without the file;
+    a relative --dataset_name under a local folder was looked up on the Hub."""
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    lines = [f'{{"file_name": "{i}.png", "text": "image {i}"}}' for i in range(3)]
+    lines[1] = lines[1][:-3]  # cut off mid-string
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 2 of .*metadata.jsonl is not a JSON object"):
+        load_image_dataset(train_data_dir=folder, cache_dir=tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="dataset_name 'captioned/typo' does not exist"):
+        load_image_dataset(dataset_name="captioned/typo")
