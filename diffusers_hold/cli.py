@@ -54,7 +54,10 @@ def _audit(args: argparse.Namespace) -> None:
         **settings,
     )
     held_out, _ = load_image_folder(
-        train_data_dir=args.held_out_dir, dataset_name=args.held_out_dataset_name, **settings
+        train_data_dir=args.held_out_dir,
+        dataset_name=args.held_out_dataset_name,
+        source_names=("held_out_dir", "held_out_dataset_name"),
+        **settings,
     )
     report = audit_pipeline(
         pipeline,

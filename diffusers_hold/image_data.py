@@ -68,6 +68,7 @@ def load_image_dataset(
     dataset_config_name: str | None = None,
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
+    source_names: tuple[str, str] = ("train_data_dir", "dataset_name"),
 ) -> datasets.Dataset:
     """Load one split of an image data set, from exactly one of two sources.
 
@@ -88,6 +89,8 @@ def load_image_dataset(
             The split to return. A single saved `Dataset` is returned whole, unless it records a different split.
         cache_dir (`str` or `os.PathLike`, *optional*):
             Where `load_dataset` caches the prepared data (the `datasets` default if not given).
+        source_names (`tuple[str, str]`, defaults to `("train_data_dir", "dataset_name")`):
+            What the error messages call the two sources (a caller's flags, e.g. the audit's held-out set).
 
     Returns:
         `datasets.Dataset`: the split, with at least one row.
@@ -96,30 +99,29 @@ def load_image_dataset(
         `ValueError`: when neither or both sources are given, the folder does not exist or holds no images, the
         split does not exist (the message names the available ones), or the split is empty.
     """
+    folder_name, data_set_name = source_names
     if (train_data_dir is None) == (dataset_name is None):
         given = "both" if train_data_dir is not None else "neither"
         raise ValueError(
-            f"Give exactly one of `train_data_dir` (a folder of images) and `dataset_name` (a saved or Hub data "
+            f"Give exactly one of `{folder_name}` (a folder of images) and `{data_set_name}` (a saved or Hub data "
             f"set); got {given}."
         )
     if train_data_dir is not None:
         if dataset_config_name is not None:
-            raise ValueError("`dataset_config_name` applies to `dataset_name` only, not to `train_data_dir`.")
+            raise ValueError(f"`dataset_config_name` applies to `{data_set_name}` only, not to `{folder_name}`.")
         folder = os.path.expanduser(os.fspath(train_data_dir))
+        source = f"{folder_name} {folder!r}"
         if not os.path.isdir(folder):
-            raise ValueError(f"train_data_dir {folder!r} does not exist or is not a folder.")
+            raise ValueError(f"{source} does not exist or is not a folder.")
         if not _contains_image_file(folder):
-            raise ValueError(
-                f"train_data_dir {folder!r} contains no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})."
-            )
-        source = f"train_data_dir {folder!r}"
+            raise ValueError(f"{source} contains no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir)
         except pyarrow.ArrowInvalid as error:  # pyarrow's message names neither the file nor the line
             raise ValueError(f"{source}: {_metadata_problem(folder) or error}") from error
     else:
         name = os.path.expanduser(os.fspath(dataset_name))
-        source = f"dataset_name {name!r}"
+        source = f"{data_set_name} {name!r}"
         if _is_saved_dataset(name):
             if dataset_config_name is not None:
                 raise ValueError(
@@ -467,6 +469,7 @@ def load_image_folder(
     num_channels: int = 3,
     image_column: str = "image",
     caption_column: str | None = None,
+    source_names: tuple[str, str] = ("train_data_dir", "dataset_name"),
 ) -> tuple[torch.Tensor, list[str] | None]:
     """Images of a folder or saved data set as a float tensor in ``[0, 1]`` `(N, C, resolution, resolution)`,
     centre-cropped without flips (as the nearest-neighbour rule needs), and their captions when asked.
@@ -477,8 +480,9 @@ def load_image_folder(
         resolution (`int`): side of the square images (the generations' size).
         num_channels (`int`, defaults to 3): 1 (grayscale) or 3 (RGB), the generations' channels.
         image_column (`str`, defaults to `"image"`), caption_column (`str`, *optional*): the columns.
+        source_names (`tuple[str, str]`): what error messages call the two sources.
     """
-    dataset = load_image_dataset(train_data_dir=train_data_dir, dataset_name=dataset_name)
+    dataset = load_image_dataset(train_data_dir=train_data_dir, dataset_name=dataset_name, source_names=source_names)
     examples, _ = prepare_training_dataset(
         dataset,
         image_column=image_column,

@@ -18,6 +18,7 @@ from diffusers_hold.image_data import (
     check_resolution,
     collate_examples,
     load_image_dataset,
+    load_image_folder,
     prepare_training_dataset,
 )
 
@@ -537,3 +538,12 @@ def test_data_errors_name_the_file_and_the_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="dataset_name 'captioned/typo' does not exist"):
         load_image_dataset(dataset_name="captioned/typo")
+
+
+def test_errors_about_a_second_image_source_use_its_names(tmp_path):
+    """The audit's held-out folder used to be called train_data_dir in its errors."""
+    names = ("held_out_dir", "held_out_dataset_name")
+    with pytest.raises(ValueError, match=r"held_out_dir '.*missing' does not exist"):
+        load_image_folder(train_data_dir=tmp_path / "missing", resolution=8, source_names=names)
+    with pytest.raises(ValueError, match="exactly one of `held_out_dir` .* and `held_out_dataset_name`"):
+        load_image_folder(resolution=8, source_names=names)
