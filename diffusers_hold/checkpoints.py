@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Mapping
@@ -362,9 +363,19 @@ class CheckpointManager:
     def load(self, accelerator, checkpoint: Path, noise_generator: NoiseGenerator | None = None) -> int:
         """Restore ``checkpoint`` into the accelerator, the state objects and the noise generator; returns its global
         step."""
-        accelerator.load_state(str(checkpoint))
-        for name, obj in self.states.items():
-            obj.load_state_dict(load_state_files(checkpoint, name))
-        if noise_generator is not None:
-            noise_generator.load(checkpoint)
+        try:
+            accelerator.load_state(str(checkpoint))
+            for name, obj in self.states.items():
+                obj.load_state_dict(load_state_files(checkpoint, name))
+            if noise_generator is not None:
+                noise_generator.load(checkpoint)
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+            # accelerate's own errors (EOFError, "Errno 22") name no file; say which checkpoint, and what is left
+            earlier = [str(path) for path in self.checkpoints() if self.step_of(path) < self.step_of(checkpoint)]
+            offer = (
+                f" Resume from the newest earlier one with --resume_from_checkpoint {earlier[-1]}."
+                if earlier
+                else " There is no earlier checkpoint."
+            )
+            raise RuntimeError(f"Cannot resume from {checkpoint} ({type(error).__name__}: {error}).{offer}") from error
         return self.step_of(checkpoint)

@@ -144,3 +144,17 @@ def test_a_missing_noise_generator_file_says_why(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds 1 process\\(es\\)' generators, so it was written by"):
         NoiseGenerator(0, 2).load(tmp_path)
     NoiseGenerator(0, 1).load(tmp_path)  # the remaining file still loads
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_earlier_one_offered(tmp_path):
+    """accelerate's errors for a truncated file (EOFError, "Errno 22") used to name no file and offer nothing."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(tiny_unet_2d(1, 1))
+    manager = CheckpointManager(tmp_path)
+    first = manager.save(accelerator, 2, NoiseGenerator(0))
+    latest = manager.save(accelerator, 4, NoiseGenerator(0))
+    weights = next(latest.glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a crash of the disk, not of the atomic save
+    with pytest.raises(RuntimeError, match=f"Cannot resume from {latest} .*--resume_from_checkpoint {first}"):
+        manager.load(accelerator, latest, NoiseGenerator(0))
+    assert manager.load(accelerator, first, NoiseGenerator(0)) == 2
