@@ -455,3 +455,17 @@ def test_attention_slicing_leaves_hold_images_unchanged():
     pipe.enable_attention_slicing(slice_size=1)
     assert any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
     np.testing.assert_allclose(generate(pipe, guidance_scale=7.5), expected, rtol=0, atol=1e-5)
+
+
+def test_saved_stock_configs_with_a_vp_timestep_spacing_convert():
+    """Saved stock configs (SDXL's on the Hub, any `save_pretrained` folder) write `timestep_spacing` ("leading", ...)
+    explicitly; it describes a VP grid, not HOLD's, and used to be refused."""
+    saved = {k: v for k, v in EulerDiscreteScheduler(**SD_SCHEDULE).config.items() if k != "_use_default_values"}
+    assert saved["timestep_spacing"] == "linspace"  # a VP grid (SDXL: "leading")
+    zero_shot = HOLDScheduler.from_config(saved, order=3, prediction_type="vp_epsilon")
+    assert zero_shot.config.timestep_spacing == "linear"  # HOLD's default
+    stock = EulerDiscreteScheduler(**SD_SCHEDULE).alphas_cumprod.double()  # computed in float32 there
+    torch.testing.assert_close(zero_shot.alphas_cumprod, stock, rtol=1e-5, atol=0)
+    assert HOLDScheduler.from_config(saved, timestep_spacing="log1p").config.timestep_spacing == "log1p"
+    with pytest.raises(ValueError, match="Unknown timestep_spacing 'trailing'"):
+        HOLDScheduler.from_config(saved, timestep_spacing="trailing")  # asked for by name: refused

@@ -304,8 +304,12 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         ``__init__``; for a `"vp_epsilon"` scheduler they are the VP model's noise schedule, so when all of them are
         defaulted they are passed on explicitly (``kwargs`` still win). Otherwise the config is read as diffusers
         reads it, so that round trips (``HOLDScheduler`` -> a compatible scheduler -> ``HOLDScheduler``) keep which
-        values were defaults.
+        values were defaults. A stock ``timestep_spacing`` (``"leading"``, ``"trailing"``, ``"linspace"``: VP grids,
+        written explicitly in saved Stable Diffusion XL and ``save_pretrained`` configs) is not HOLD's and is left to
+        HOLD's default instead of being refused.
         """
+        if config is not None and config.get("timestep_spacing") not in (None, *TIMESTEP_SPACINGS):
+            config = {key: value for key, value in config.items() if key != "timestep_spacing"}
         prediction_type = kwargs.get("prediction_type", (config or {}).get("prediction_type"))
         defaulted = set((config or {}).get("_use_default_values", []))
         if prediction_type == "vp_epsilon" and defaulted.issuperset(VP_SCHEDULE_KEYS):
