@@ -67,6 +67,9 @@ def test_full_hold_fine_tune_converts_the_unet_and_saves_a_loadable_pipeline(sd_
     pipe = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, HOLDUNet2DConditionModel)
     assert isinstance(pipe.scheduler, HOLDScheduler) and pipe.unet.config.hold_order == 3
+    # the saved scheduler config holds HOLD's keys only (it used to keep DDPM's, and every load warned about them)
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert {key for key in saved if not key.startswith("_")} <= set(HOLDScheduler().config)
     assert (out / "validation" / "step-0000003.png").exists()
     assert generate(pipe).shape == (1, 32, 32, 3)
     # training moved the weights of the auxiliary inputs away from their zero start

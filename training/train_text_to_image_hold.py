@@ -106,8 +106,14 @@ def build_models(args: argparse.Namespace, pipe: StableDiffusionPipeline):
         unet = pipe.unet
     else:
         unet = HOLDUNet2DConditionModel.from_unet(pipe.unet, order=args.hold_order, scheduler_config=stock_config)
+    # only what HOLD reads: the stock scheduler's own keys (clip_sample, steps_offset, ...) would be saved with the
+    # pipeline and warned about on every load, and a native HOLD scheduler has no stock scheduler to hand them back to
+    hold_keys = set(HOLDScheduler().config)
     noise_scheduler = HOLDScheduler.from_config(
-        stock_config, **unet.hold_process_settings(), solver=args.hold_solver, timestep_spacing="quadratic"
+        {key: value for key, value in stock_config.items() if key in hold_keys or key.startswith("_")},
+        **unet.hold_process_settings(),
+        solver=args.hold_solver,
+        timestep_spacing="quadratic",
     )
     return unet, noise_scheduler
 
