@@ -181,8 +181,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         algorithm_type (`str`, defaults to `"dpmsolver"`): what `"exp_multistep"` interpolates: `"dpmsolver"` (noise
             part, probability-flow ODE), `"dpmsolver++"` (denoised estimate, ODE) or `"sde-dpmsolver++"` (denoised
             estimate, reverse SDE). Measured choice: `"dpmsolver"` with exact scores, `"sde-dpmsolver++"` for learned
-            HOLD models (the ODE types diverge there at orders >= 2), `"dpmsolver++"` or `"sde-dpmsolver++"` for
-            zero-shot `"vp_epsilon"` sampling (``benchmarks/bench_learned_sampler.py``).
+            HOLD models (the ODE types diverge there at orders >= 2), `"sde-dpmsolver++"` with ``sampling_T=3.5`` (or
+            `"dpmsolver++"`) for zero-shot `"vp_epsilon"` sampling (``benchmarks/bench_learned_sampler.py``).
         timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``, `"log_snr"`:
             uniform in :meth:`~diffusers_hold.HOLDDynamics.log_snr` (DPM-Solver's uniform-lambda grid at order 1), or
             `"log1p"`: uniform in ``log(1 + t)``, which spends more steps at high noise than `"quadratic"`; it is the
