@@ -34,10 +34,9 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_sampler_accuracy import LATE_START, vp_timestep_at_start
+from bench_sampler_accuracy import LATE_START, linspace_timesteps, vp_timestep_at_start
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from harness import ForeignLoad, environment, finish
 from tqdm.auto import tqdm
@@ -114,7 +113,7 @@ def sample_position(unet, scheduler, calls: int, n: int, seed: int, start: float
     if start is None:
         scheduler.set_timesteps(calls)
     else:
-        scheduler.set_timesteps(timesteps=np.linspace(0, start, calls + 1).round()[::-1][:-1].astype(int).tolist())
+        scheduler.set_timesteps(timesteps=linspace_timesteps(start, calls))
     x = torch.randn(n, 1, 16, 16, generator=generator) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = unet(scheduler.scale_model_input(x, t), t).sample

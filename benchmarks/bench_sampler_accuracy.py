@@ -114,6 +114,11 @@ TARGETS = {
 }
 
 
+def linspace_timesteps(start: float, steps: int) -> list[int]:
+    """``steps`` DDPM timesteps from ``start`` down, spaced as diffusers' ``"linspace"`` spacing (ending before 0)."""
+    return np.linspace(0, start, steps + 1).round()[::-1][:-1].astype(int).tolist()
+
+
 def sample_vp(scheduler, target: Target, steps: int, n: int, seed: int, start: float | None = None) -> torch.Tensor:
     """Sample with a diffusers VP scheduler and the exact epsilon; ``start``: first DDPM timestep of a custom
     linearly spaced grid (diffusers' ``"linspace"`` spacing, ending before 0) instead of the scheduler's own."""
@@ -121,7 +126,7 @@ def sample_vp(scheduler, target: Target, steps: int, n: int, seed: int, start: f
     if start is None:
         scheduler.set_timesteps(steps)
     else:
-        scheduler.set_timesteps(timesteps=np.linspace(0, start, steps + 1).round()[::-1][:-1].astype(int).tolist())
+        scheduler.set_timesteps(timesteps=linspace_timesteps(start, steps))
     x = torch.randn(n, 2, 1, 1, generator=generator, dtype=torch.float64) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = target(scheduler.scale_model_input(x, t), t)
