@@ -175,7 +175,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             prior's mismatch (at HOLD order 3 and ``T = 5``, ``sampling_T = 3.5`` leaves the noise covariance within
             1 % of the prior, at a position log-SNR of -6.2; Stable Diffusion's VP schedule starts at -5.4) for steps
             not spent at noise levels the data barely reaches. Measured best for few-step `"exp_multistep"` sampling
-            at order 3 (``benchmarks/bench_sampler_accuracy.py``).
+            at order 3: 3.0 at 10 calls, 3.5 at 15-25, ``T`` from 50 (``benchmarks/bench_sampler_accuracy.py``).
         solver (`str`, defaults to `"euler_maruyama"`): `"euler_maruyama"`, `"sscs"`, `"ddim"` or `"exp_multistep"`.
         solver_order (`int`, defaults to 2): how many model calls `"exp_multistep"` interpolates (1, 2 or 3).
         algorithm_type (`str`, defaults to `"dpmsolver"`): what `"exp_multistep"` interpolates: `"dpmsolver"` (noise
