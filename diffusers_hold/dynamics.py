@@ -379,8 +379,9 @@ class HOLDDynamics:
         """Propagator from ``t`` to ``t_next`` of ``dy/dt = generator(t) y`` (fourth-order Magnus).
 
         Two Gauss points and one exact ``matrix_exp`` per substep (stable for the stiff ``Sigma_t^{-1}`` near
-        ``t = 0``), substeps uniform in ``log(t + 0.01)``, ``substeps_per_unit`` per unit of that variable.
-        ``generator`` maps times of shape ``(..., S)`` to matrices ``(..., S, d, d)``.
+        ``t = 0``), substeps uniform in ``log(t + 0.01)``; every step of the batch gets as many as its longest one
+        needs (:func:`_magnus_substeps`). ``generator`` maps times of shape ``(..., S)`` to matrices
+        ``(..., S, d, d)``.
         """
         u0, u1 = torch.log(t + _MAGNUS_OFFSET), torch.log(t_next + _MAGNUS_OFFSET)
         substeps = int(_magnus_substeps(t, t_next, substeps_per_unit).max())
@@ -475,7 +476,8 @@ class HOLDDynamics:
                 interpolated, the current one (``t``) first.
             prediction (`str`): ``"noise"`` or ``"data"``, the quantity interpolated.
             eta (`float`): noise scale in ``[0, 1]`` (``"data"`` only).
-            substeps_per_unit (`float`): Magnus substeps per unit of ``log(t + 0.01)``.
+            substeps_per_unit (`float`): Magnus substeps per unit of ``log(t + 0.01)`` near the data, of ``t`` far
+                from it (:func:`_magnus_substeps`); a 1-D batch of steps is integrated in runs of similar length.
         """
         if prediction not in ("noise", "data"):
             raise ValueError(f"prediction must be 'noise' or 'data', got {prediction!r}.")
