@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_sampler_accuracy import FEW_STEP as FEW_STEP_GRID
 from bench_sampler_accuracy import LATE_START, linspace_timesteps, vp_timestep_at_start
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from harness import ForeignLoad, environment, finish
@@ -55,7 +56,7 @@ UNET = {
     "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     "norm_num_groups": 8,
 }
-FEW_STEP = {"solver": "exp_multistep", "timestep_spacing": "log1p", "denoise_final": False}
+FEW_STEP = {"solver": "exp_multistep", **FEW_STEP_GRID}
 SEEDS = (1, 2, 3)
 
 
