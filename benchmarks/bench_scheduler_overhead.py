@@ -279,6 +279,26 @@ def bench_sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ training side
+def time_add_noise(
+    hold: HOLDScheduler, ddpm: DDPMScheduler, x0: torch.Tensor, args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """Seconds per ``add_noise`` call of each scheduler alone, on timesteps and noise drawn once."""
+    batch, channels = x0.shape[:2]
+    g = torch.Generator().manual_seed(args.seed)
+    hold_t = hold.sample_timesteps(batch, generator=g)
+    hold_noise = torch.randn(batch, HOLD_ORDER * channels, *x0.shape[2:], generator=g)
+    ddpm_t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=g)
+    ddpm_noise = torch.randn(x0.shape, generator=g)
+    return time_interleaved(
+        {
+            "hold": lambda: hold.add_noise(x0, hold_noise, hold_t),
+            "ddpm": lambda: ddpm.add_noise(x0, ddpm_noise, ddpm_t),
+        },
+        args.noising_reps,
+        args.noising_warmup,
+    )
+
+
 def bench_training(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     batch, channels, size = 16, 3, 32
@@ -324,20 +344,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
 
         return train_step
 
-    # add_noise alone, on inputs drawn once
-    g = torch.Generator().manual_seed(args.seed)
-    hold_t = hold.sample_timesteps(batch, generator=g)
-    hold_noise = torch.randn(batch, HOLD_ORDER * channels, size, size, generator=g)
-    ddpm_t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
-    ddpm_noise = torch.randn(batch, channels, size, size, generator=g)
-    add_noise_only = time_interleaved(
-        {
-            "hold": lambda: hold.add_noise(x0, hold_noise, hold_t),
-            "ddpm": lambda: ddpm.add_noise(x0, ddpm_noise, ddpm_t),
-        },
-        args.noising_reps,
-        args.noising_warmup,
-    )
+    add_noise_only = time_add_noise(hold, ddpm, x0, args)
     noising = time_interleaved(noisings, args.noising_reps, args.noising_warmup)
     train = time_interleaved({name: make_train_step(name) for name in models}, args.train_reps, args.train_warmup)
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -25,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._validation import is_integer
 from ..dynamics import HOLDDynamics, LinearStep
+from .vp_conversion import VPConversion, vp_betas
 
 __all__ = [
     "HOLD_SETTINGS_ATTRIBUTE",
@@ -260,16 +260,10 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 "...), or pass beta_start, beta_end and beta_schedule (or trained_betas)."
             )
         self.dynamics = HOLDDynamics(order, L_inv=L_inv, aux_init_var=aux_init_var, eps_num=eps_num)
-        if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float64)
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        else:
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        if len(betas) != num_train_timesteps or not ((betas > 0) & (betas < 1)).all():
-            raise ValueError(f"The VP betas must be {num_train_timesteps} values in (0, 1).")
+        betas = vp_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         # alpha_bar of the VP model, used by prediction_type="vp_epsilon"
         self.vp_alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        self._vp_conversion = VPConversion(self.dynamics, self.vp_alphas_cumprod)
         if prediction_type == "vp_epsilon":
             # the model is a stock VP model, and these are its tables under diffusers' names (see the class docstring)
             self.betas = betas
@@ -465,7 +459,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._mean_coefficients = dyn.mean_coefficients(eval_times)
         self.num_inference_steps = len(eval_times)
         if cfg.prediction_type == "vp_epsilon":
-            weights, alpha_bar, model_timesteps = self._zero_shot_coefficients(eval_times)
+            weights, alpha_bar, model_timesteps = self._vp_conversion.coefficients(eval_times)
             self._vp_inputs = (weights, alpha_bar)
         else:
             model_timesteps = self.time_to_timestep(eval_times)
@@ -525,21 +519,6 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             forms.append(LinearStep.concat(unused, step))
         return start, tuple(forms)
 
-    def _zero_shot_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sufficient-statistic weights, VP ``alpha_bar`` and fractional VP timesteps at continuous times ``t``.
-
-        The timestep is interpolated linearly in the VP table's log-SNR; ``alpha_bar`` is clamped to the range the
-        VP model was trained on.
-        """
-        weights, variance = self.dynamics.sufficient_statistic(t)
-        table = self.vp_alphas_cumprod
-        alpha_bar = (1.0 / (1.0 + variance)).clamp(float(table[-1]), float(table[0]))
-        table_log_snr = torch.log(table / (1 - table))  # decreasing with the timestep
-        log_snr = torch.log(alpha_bar / (1 - alpha_bar))
-        positions = torch.arange(len(table), dtype=torch.float64)
-        vp_timesteps = np.interp(-log_snr.numpy(), -table_log_snr.numpy(), positions.numpy())
-        return weights, alpha_bar, torch.as_tensor(vp_timesteps, dtype=torch.float64)
-
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
         """Position of ``timestep`` in :attr:`timesteps`; raises if it is not one of them.
 
@@ -591,7 +570,7 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         self._split_channels(state)
         if zero_shot:
             weights, alpha_bar = self._vp_inputs
-            return self._vp_model_input(state, weights[index : index + 1], alpha_bar[index : index + 1])
+            return self._vp_conversion.model_input(state, weights[index : index + 1], alpha_bar[index : index + 1])
         model_input = state.view_as(state)  # a new tensor object, so the attribute never lands on the caller's tensor
         setattr(model_input, HOLD_SETTINGS_ATTRIBUTE, self.process_settings())
         return model_input
@@ -649,7 +628,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         ell, c = self._x0_coefficients
         if self.config.prediction_type == "vp_epsilon":
             weights, alpha_bar = self._vp_inputs
-            eps, pred_original = self._epsilon_from_vp(blocks, eps, coef(weights), coef(alpha_bar), coef(ell), coef(c))
+            eps, pred_original = self._vp_conversion.epsilon_and_estimate(
+                blocks, eps, coef(weights), coef(alpha_bar), coef(ell), coef(c)
+            )
         else:
             pred_original = ((coef(ell)[:, :, None] * blocks).sum(1) - eps) / coef(c)[:, None]
         noise_form = self._steps.transport is not None  # exp_multistep interpolating noise parts
@@ -747,9 +728,9 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             t = t.expand(state.shape[0])
         if t.numel() != state.shape[0]:
             raise ValueError(f"Got {t.numel()} timesteps for a batch of {state.shape[0]} states.")
-        weights, alpha_bar, vp_timesteps = self._zero_shot_coefficients(t)
+        weights, alpha_bar, vp_timesteps = self._vp_conversion.coefficients(t)
         ell, c = self.dynamics.x0_coefficients(t)
-        vp_input = self._vp_model_input(state, weights, alpha_bar)
+        vp_input = self._vp_conversion.model_input(state, weights, alpha_bar)
         vp_noise_pred = vp_model(vp_input, vp_timesteps.to(device=state.device, dtype=torch.float32))
 
         def cast(x: torch.Tensor) -> torch.Tensor:
@@ -757,26 +738,10 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
 
         blocks = state.reshape(state.shape[0], self.hold_order, -1)
         eps = vp_noise_pred.reshape(state.shape[0], -1).to(state.dtype)
-        eps_n, _ = self._epsilon_from_vp(blocks, eps, cast(weights), cast(alpha_bar), cast(ell), cast(c))
+        eps_n, _ = self._vp_conversion.epsilon_and_estimate(
+            blocks, eps, cast(weights), cast(alpha_bar), cast(ell), cast(c)
+        )
         return eps_n.reshape(vp_input.shape)
-
-    def _vp_model_input(self, state: torch.Tensor, weights: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """``sqrt(alpha_bar) * (w . z)`` for states `(batch, n * C, ...)`; coefficients `(1 or batch, ...)`."""
-        n = self.hold_order
-        blocks = state.reshape(state.shape[0], n, -1)
-        w = weights.to(device=state.device, dtype=state.dtype)
-        scale = alpha_bar.sqrt().to(device=state.device, dtype=state.dtype)
-        statistic = (w[:, :, None] * blocks).sum(1)
-        shape = (state.shape[0], state.shape[1] // n, *state.shape[2:])
-        return (scale[:, None] * statistic).reshape(shape)
-
-    def _epsilon_from_vp(self, blocks, vp_eps, weights, alpha_bar, ell, c) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(eps_n, x0_hat)`` from a VP noise prediction; ``blocks`` `(batch, n, R)`, ``vp_eps`` `(batch, R)`."""
-        statistic = (weights[:, :, None] * blocks).sum(1)
-        # x_vp = sqrt(ab) s, so x0_hat = (x_vp - sqrt(1 - ab) eps_vp) / sqrt(ab) = s - sqrt((1 - ab) / ab) eps_vp
-        pred_original = statistic - ((1 - alpha_bar) / alpha_bar).sqrt()[:, None] * vp_eps
-        eps_n = (ell[:, :, None] * blocks).sum(1) - c[:, None] * pred_original
-        return eps_n, pred_original
 
     # ------------------------------------------------------------------------------------ hidden auxiliary blocks
     def _with_auxiliary(self, sample: torch.Tensor, index: int) -> torch.Tensor:
