@@ -1,6 +1,6 @@
-"""Small real image sets that ship inside installed packages (scikit-learn's digits, scikit-image's LFW faces), so
-demos, tests and the benchmark never download anything. Image folders and data sets are in
-:mod:`diffusers_hold.image_data`.
+"""Small real image sets that ship inside installed packages (scikit-learn's digits, scikit-image's LFW faces,
+patches of the colour photographs both bundle), so demos, tests and the benchmark never download anything. Image
+folders and data sets are in :mod:`diffusers_hold.image_data`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 from ._validation import check_positive_int
 
-__all__ = ["load_digits_images", "load_lfw_faces", "write_digits_imagefolder"]
+__all__ = ["load_digits_images", "load_lfw_faces", "load_photo_patches", "write_digits_imagefolder"]
 
 
 def load_digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +67,51 @@ def load_lfw_faces(resolution: int = 25) -> torch.Tensor:
         [np.asarray(Image.fromarray(face, mode="F").resize((resolution, resolution), Image.BICUBIC)) for face in faces]
     )
     return torch.from_numpy(np.clip(resized, 0, 1) * 2 - 1)[:, None]
+
+
+def load_photo_patches(resolution: int = 8, patch_size: int = 32, min_std: float = 0.04) -> torch.Tensor:
+    """RGB natural-image patches cut from the colour photographs that ship with scikit-image (astronaut, chelsea,
+    coffee, rocket) and scikit-learn (china, flower), as a float tensor in ``[-1, 1]``.
+
+    Each photograph is cut into non-overlapping ``patch_size`` squares from its top-left corner, each square is
+    reduced to ``resolution`` by area averaging, and flat patches (pixel standard deviation below ``min_std`` on the
+    ``[0, 1]`` scale: sky, walls, backgrounds) are left out, because they are near-duplicates of one another and a
+    nearest-neighbour memorization test cannot tell a copy of one from a copy of another. With the defaults that
+    leaves about 1,200 patches.
+
+    Args:
+        resolution (`int`, defaults to 8): output side length, at most ``patch_size``.
+        patch_size (`int`, defaults to 32): side of the squares cut from the photographs, in their pixels.
+        min_std (`float`, defaults to 0.04): patches less varied than this are left out.
+
+    Returns:
+        `torch.Tensor`: images of shape ``(N, 3, resolution, resolution)`` (float32), photograph by photograph in
+        reading order.
+    """
+    try:
+        from skimage import data as skimage_data
+        from sklearn.datasets import load_sample_images
+    except ImportError as error:  # both are optional dependencies
+        raise ImportError(
+            "The photo patches need scikit-image and scikit-learn: pip install 'diffusers-hold[bench]'."
+        ) from error
+    check_positive_int(resolution, "resolution")
+    check_positive_int(patch_size, "patch_size")
+    if resolution > patch_size:
+        raise ValueError(f"resolution ({resolution}) must not exceed patch_size ({patch_size}).")
+    photos = [getattr(skimage_data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    photos += list(load_sample_images().images)
+    patches = []
+    for photo in photos:
+        rows, cols = photo.shape[0] // patch_size, photo.shape[1] // patch_size
+        for i in range(rows):
+            for j in range(cols):
+                square = photo[i * patch_size : (i + 1) * patch_size, j * patch_size : (j + 1) * patch_size, :3]
+                reduced = Image.fromarray(square).resize((resolution, resolution), Image.BOX)
+                patches.append(np.asarray(reduced, dtype=np.float32) / 255.0)
+    patches = np.stack(patches)
+    patches = patches[patches.reshape(len(patches), -1).std(1) >= min_std]
+    return torch.from_numpy(patches * 2 - 1).permute(0, 3, 1, 2).contiguous()
 
 
 def write_digits_imagefolder(output_dir: str | os.PathLike, resolution: int = 16, limit: int | None = None) -> Path:

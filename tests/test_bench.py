@@ -23,6 +23,7 @@ from diffusers_hold.bench import (
     load_bench_data,
     run_bench,
 )
+from diffusers_hold.data import load_photo_patches
 from diffusers_hold.mitigations import attention_heads, pruned_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +191,18 @@ def test_an_image_folder_is_the_data_of_a_run(tmp_path):
     results = run_bench(config, tmp_path / "run", progress=False)
     assert results[0]["method"] == "ddpm" and 0 <= results[0]["memorized"] <= 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(folder)
+
+
+def test_photo_patches_are_split_into_disjoint_training_and_held_out_images():
+    config = BenchConfig(data="photos", methods=["ddpm"], train_size=32, held_out_size=512)
+    train, held_out = load_bench_data(config)
+    assert train.shape == (32, 3, 8, 8) and held_out.shape == (512, 3, 8, 8)
+    pool = load_photo_patches(8)
+    rows = {tuple(row) for row in pool.reshape(len(pool), -1).tolist()}
+    picked = [tuple(row) for row in torch.cat([train, held_out]).reshape(544, -1).tolist()]
+    assert set(picked) <= rows and len(set(picked)) == 544  # drawn from the patches, none twice
+    other_seed, _ = load_bench_data(BenchConfig(data="photos", methods=["ddpm"], seed=1))
+    assert not torch.equal(other_seed, train)
 
 
 class _Marker:

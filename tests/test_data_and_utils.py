@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage.data import lfw_subset
-from sklearn.datasets import load_digits
+from skimage.data import astronaut, chelsea, coffee, lfw_subset, rocket
+from sklearn.datasets import load_digits, load_sample_images
 
-from diffusers_hold.data import load_digits_images, load_lfw_faces
+from diffusers_hold.data import load_digits_images, load_lfw_faces, load_photo_patches
 from diffusers_hold.utils import atomic_output, image_grid, replace_path
 
 
@@ -81,3 +81,22 @@ def test_lfw_faces_are_scikit_images_first_hundred_scaled_to_minus_one_one():
     assert small.shape == (100, 1, 8, 8) and small.min() >= -1 and small.max() <= 1
     with pytest.raises(ValueError, match="resolution must be a positive integer"):
         load_lfw_faces(0)
+
+
+def test_photo_patches_are_block_means_of_the_bundled_photographs_without_flat_ones():
+    # every square kept: one per whole 32x32 block of the six photographs
+    photos = [astronaut(), chelsea(), coffee(), rocket(), *load_sample_images().images]
+    everything = load_photo_patches(8, min_std=0.0)
+    assert len(everything) == sum((photo.shape[0] // 32) * (photo.shape[1] // 32) for photo in photos)
+    assert everything.shape[1:] == (3, 8, 8) and everything.dtype == torch.float32
+    # the first square is the astronaut's top-left 32x32 block, averaged over 4x4 pixels (PIL rounds to uint8)
+    block = astronaut()[:32, :32].astype(np.float64).reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)) / 255 * 2 - 1
+    np.testing.assert_allclose(everything[0].permute(1, 2, 0).numpy(), block, atol=2 / 255 + 1e-6)
+    # flat squares are left out, varied ones kept
+    kept = load_photo_patches(8)
+    std = ((everything + 1) / 2).reshape(len(everything), -1).std(1, unbiased=False)
+    assert len(kept) == int((std >= 0.04).sum()) and 0 < len(kept) < len(everything)
+    assert kept.min() >= -1 and kept.max() <= 1
+    assert load_photo_patches(16).shape[1:] == (3, 16, 16)
+    with pytest.raises(ValueError, match="must not exceed patch_size"):
+        load_photo_patches(64)

@@ -12,6 +12,7 @@ from diffusers_hold.metrics import (
     calibrated_l2,
     frechet_distance,
     frechet_distance_from_features,
+    held_out_distance_memorization,
     nearest_neighbours,
     nn_ratio_memorization,
     precision_recall,
@@ -209,6 +210,30 @@ def test_memorizing_model_is_detected_and_fresh_draws_are_not():
     assert summary["per_sample"]["nearest_index"] == index.tolist()
     assert len(summary["held_out_ratio"]) == 100
     assert "per_sample" not in report.to_dict(per_sample=False)
+
+
+def test_held_out_distance_criterion_matches_numpy_and_sees_copies_the_ratio_misses():
+    train = randn(40, 3, 4, 4, seed=20)
+    # two near-duplicate training images: a copy of either has d1 ~ d2, which the 1/3 rule cannot flag
+    train[1] = train[0] + 1e-3
+    held_out = randn(80, 3, 4, 4, seed=21)
+    midway = (train[:1] + train[1:2]) / 2  # as close to one twin as to the other: ratio 1
+    generated = torch.cat(
+        [midway, midway, train[5:15] + 0.05 * randn(10, 3, 4, 4, seed=22), randn(30, 3, 4, 4, seed=23)]
+    )
+
+    report = held_out_distance_memorization(generated, train, held_out, quantile=0.05, chunk_size=16)
+    d_generated = np.sqrt(ref_sq_distances(generated, train)).min(1)
+    d_held_out = np.sqrt(ref_sq_distances(held_out, train)).min(1)
+    threshold = np.quantile(d_held_out, 0.05)  # numpy's default is the same linear interpolation
+    assert report.threshold == pytest.approx(threshold, rel=1e-6)
+    np.testing.assert_allclose(report.distance.numpy(), d_generated, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(report.memorized.numpy(), d_generated < threshold)
+    assert report.memorized[:12].all()  # copies; a fresh draw is flagged as often as a held-out image (~5 %)
+    assert report.fraction_memorized == pytest.approx((d_generated < threshold).mean())
+    assert not nn_ratio_memorization(generated[:2], train).memorized.any()  # what the second criterion is for
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        held_out_distance_memorization(generated, train, held_out, quantile=1.0)
 
 
 # ------------------------------------------------------------------------------------------ calibrated L2

@@ -22,7 +22,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="diffusers-hold bench", description=__doc__.split("\n\n")[0])
     defaults = BenchConfig()
     parser.add_argument("--output_dir", default="outputs/bench")
-    parser.add_argument("--data", default=defaults.data, help='"digits", "lfw" or an image folder (read as RGB).')
+    parser.add_argument(
+        "--data",
+        default=defaults.data,
+        help='"digits", "lfw", "photos" (RGB patches) or an image folder (read as RGB).',
+    )
     parser.add_argument(
         "--methods",
         nargs="+",

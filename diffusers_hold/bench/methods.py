@@ -221,7 +221,8 @@ class BenchConfig:
     """Settings of a benchmark run (every method gets the same).
 
     Attributes:
-        data (`str`, defaults to `"digits"`): `"digits"`, `"lfw"` or a path to an image folder.
+        data (`str`, defaults to `"digits"`): `"digits"`, `"lfw"`, `"photos"` (RGB patches of photographs) or a
+            path to an image folder.
         resolution (`int`, defaults to 8): image side.
         train_size (`int`, defaults to 32): training images (where the DDPM baseline memorizes).
         held_out_size (`int`, defaults to 512): held-out real images for the control and the quality metrics.

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from tqdm.auto import tqdm
 
-from ..data import load_digits_images, load_lfw_faces
+from ..data import load_digits_images, load_lfw_faces, load_photo_patches
 from ..image_data import load_image_folder
 from ..mitigations import (
     CallbackList,
@@ -42,7 +42,8 @@ __all__ = ["build_model", "load_bench_data", "run_bench", "train_and_evaluate"]
 def load_bench_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The training and held-out images of a run, in ``[-1, 1]``, split by a seeded permutation.
 
-    ``config.data``: ``"digits"`` (scikit-learn's, grayscale), ``"lfw"`` (scikit-image's faces, grayscale) or an image
+    ``config.data``: ``"digits"`` (scikit-learn's, grayscale), ``"lfw"`` (scikit-image's faces, grayscale),
+    ``"photos"`` (RGB patches of bundled photographs, :func:`~diffusers_hold.data.load_photo_patches`) or an image
     folder (read as RGB, centre-cropped to the resolution). Raises when the data has fewer images than
     ``train_size + 2``.
     """
@@ -52,11 +53,15 @@ def load_bench_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
         images, _ = load_digits_images(resolution=config.resolution)
     elif config.data == "lfw":
         images = load_lfw_faces(config.resolution)
+    elif config.data == "photos":
+        images = load_photo_patches(config.resolution)
     elif Path(config.data).is_dir():
         pixels, _ = load_image_folder(train_data_dir=config.data, resolution=config.resolution)
         images = pixels * 2 - 1
     else:
-        raise ValueError(f"--data must be 'digits', 'lfw' or an image folder; {config.data!r} is none of these.")
+        raise ValueError(
+            f"--data must be 'digits', 'lfw', 'photos' or an image folder; {config.data!r} is none of these."
+        )
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
     if len(images) < config.train_size + 2:
         raise ValueError(f"The data has {len(images)} images; train_size {config.train_size} leaves no held-out set.")

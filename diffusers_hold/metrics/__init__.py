@@ -1,7 +1,8 @@
 """Weight-free memorization and quality metrics over image tensors.
 
-Memorization: the nearest-neighbour ratio ("1/3 rule", :func:`nn_ratio_memorization`) and the calibrated L2 distance
-(:func:`calibrated_l2`), both on a chunked exact nearest-neighbour search (:func:`nearest_neighbours`). Quality:
+Memorization: the nearest-neighbour ratio ("1/3 rule", :func:`nn_ratio_memorization`), the calibrated L2 distance
+(:func:`calibrated_l2`) and closeness beyond what held-out images show (:func:`held_out_distance_memorization`), all
+on a chunked exact nearest-neighbour search (:func:`nearest_neighbours`). Quality:
 Fréchet distance and k-NN precision / recall in a feature space, by default a PCA fit on held-out real images
 (:func:`quality_report`). Text-conditional extraction: the tiled L2 distance and the clique audit of Carlini et al.
 (:func:`tiled_l2`, :func:`clique_audit`, :func:`calibrate_clique_threshold`). Effective model memorization, the
@@ -14,8 +15,10 @@ al.'s latent decomposition against the schedule's weights (:class:`TrajectoryRec
 from .emm import EMMPoint, EMMResult, effective_model_memorization
 from .neighbours import (
     CalibratedL2Report,
+    HeldOutDistanceReport,
     MemorizationReport,
     calibrated_l2,
+    held_out_distance_memorization,
     nearest_neighbours,
     nn_ratio_memorization,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "CliqueAudit",
     "EMMPoint",
     "EMMResult",
+    "HeldOutDistanceReport",
     "MemorizationReport",
     "PCAFeatures",
     "PrecisionRecall",
@@ -59,6 +63,7 @@ __all__ = [
     "effective_model_memorization",
     "frechet_distance",
     "frechet_distance_from_features",
+    "held_out_distance_memorization",
     "nearest_neighbours",
     "nn_ratio_memorization",
     "precision_recall",

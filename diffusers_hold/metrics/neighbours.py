@@ -30,8 +30,10 @@ from ._search import DEFAULT_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, knn, prepare_
 
 __all__ = [
     "CalibratedL2Report",
+    "HeldOutDistanceReport",
     "MemorizationReport",
     "calibrated_l2",
+    "held_out_distance_memorization",
     "nearest_neighbours",
     "nn_ratio_memorization",
 ]
@@ -250,6 +252,71 @@ def nn_ratio_memorization(
         num_train=int(train.shape[0]),
         held_out_ratio=held_out_ratio,
         held_out_fraction=held_out_fraction,
+    )
+
+
+@dataclass
+class HeldOutDistanceReport:
+    """Result of :func:`held_out_distance_memorization`.
+
+    Attributes:
+        distance (`torch.Tensor` of shape `(N,)`): each generation's L2 distance to its nearest training image.
+        nearest_index (`torch.Tensor` of shape `(N,)`): that training image's index.
+        held_out_distance (`torch.Tensor` of shape `(M,)`): each held-out image's distance to its nearest training
+            image.
+        threshold (`float`): the ``quantile`` of ``held_out_distance`` (linear interpolation).
+        quantile (`float`): the quantile used.
+        memorized (`torch.Tensor` of shape `(N,)`, bool): ``distance < threshold``.
+        fraction_memorized (`float`): the mean of ``memorized``.
+    """
+
+    distance: torch.Tensor
+    nearest_index: torch.Tensor
+    held_out_distance: torch.Tensor
+    threshold: float
+    quantile: float
+    memorized: torch.Tensor
+    fraction_memorized: float
+
+
+def held_out_distance_memorization(
+    generated: torch.Tensor | np.ndarray,
+    train: torch.Tensor | np.ndarray,
+    held_out: torch.Tensor | np.ndarray,
+    quantile: float = 0.05,
+    **search: Any,
+) -> HeldOutDistanceReport:
+    """Memorization as closeness beyond what fresh data shows: a generation is memorized iff its nearest training
+    image is closer than the ``quantile`` of the held-out images' nearest-training distances.
+
+    Unlike the 1/3 rule (:func:`nn_ratio_memorization`), this does not hinge on the gap between the first and second
+    nearest training images, so near-duplicates inside the training set do not hide copies of them. By construction
+    about ``quantile`` of fresh real images would count as memorized.
+
+    Args:
+        generated (`torch.Tensor` or `np.ndarray` of shape `(N, *image_shape)`): generated images.
+        train (`torch.Tensor` or `np.ndarray` of shape `(R, *image_shape)`): the training images.
+        held_out (`torch.Tensor` or `np.ndarray` of shape `(M, *image_shape)`): real images not used for training.
+        quantile (`float`, defaults to 0.05): in ``(0, 1)``.
+        **search: keyword arguments of :func:`nearest_neighbours` (``chunk_size``, ``device``, ``dtype``, ...).
+
+    Returns:
+        [`HeldOutDistanceReport`]
+    """
+    if not (is_real_number(quantile) and 0 < quantile < 1):
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile!r}.")
+    distance, index = nearest_neighbours(generated, train, k=1, **search)
+    held_out_distance, _ = nearest_neighbours(held_out, train, k=1, **search)
+    threshold = float(torch.quantile(held_out_distance[:, 0].double(), quantile))
+    memorized = distance[:, 0] < threshold
+    return HeldOutDistanceReport(
+        distance=distance[:, 0],
+        nearest_index=index[:, 0],
+        held_out_distance=held_out_distance[:, 0],
+        threshold=threshold,
+        quantile=float(quantile),
+        memorized=memorized,
+        fraction_memorized=float(memorized.double().mean()),
     )
 
 

@@ -1,0 +1,203 @@
+"""Memorization against quality along training, by HOLD order: does HOLD copy less than DDPM at equal quality?
+
+    python benchmarks/bench_frontier.py --study digits32 [--methods ddpm hold2 hold3 hold4] [--seeds 0 1 2] [--quick]
+
+**Claim** (seed ``000``). Driving the data path by a low-pass-filtered score reduces memorization, more as the HOLD
+order rises. A model that copies less only because it has learned less proves nothing, so the comparison is made at
+matched quality, along the whole of training.
+
+**Measurement.** Each method of :mod:`diffusers_hold.bench` (the bench's UNet, data split, training and samplers) is
+trained once per seed (the seed sets the data split, the weights, the training draws and the samples) and evaluated
+at ``--num_evaluations`` evenly spaced points: memorized fraction by the 1/3 rule, the fraction of generations closer
+to their nearest training image than the 5th percentile of the held-out images' nearest-training distances (a
+criterion that near-duplicates inside the training set do not defeat), FD-PCA, precision and recall. The figure
+plots memorized fraction against FD-PCA, one colour per method, each seed thin, the mean over seeds at each
+evaluation thick.
+
+**Matched quality** (the rule the README states): the quality target is 1.1 times the best FD-PCA the DDPM baseline
+reaches at any evaluation (mean over seeds). For each method and seed, the matched-quality point is the least
+memorized evaluation whose FD-PCA meets the target (where one would stop training); the report gives its mean over
+seeds with a 95 % t-interval, and says when a seed never meets the target.
+
+Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 updates), ``digits128`` (128 digits,
+8,000 updates: DDPM in its transition regime), ``photos8`` and ``photos16`` (32 RGB patches of bundled photographs
+at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
+``benchmarks/results/frontier/<study>.json`` and ``.png``; trained states to ``--state_dir`` (a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from harness import ForeignLoad, environment, finish
+from scipy import stats
+
+from diffusers_hold.bench import BENCH_METHODS, BenchConfig, load_bench_data, train_and_evaluate
+from diffusers_hold.utils import atomic_output
+
+RESULTS = Path(__file__).resolve().parent / "results" / "frontier"
+STUDIES = {
+    "digits32": BenchConfig(data="digits", resolution=8, train_size=32, train_steps=2000),
+    "digits128": BenchConfig(data="digits", resolution=8, train_size=128, train_steps=8000),
+    "photos8": BenchConfig(data="photos", resolution=8, train_size=32, train_steps=2000),
+    "photos16": BenchConfig(data="photos", resolution=16, train_size=32, train_steps=2000),
+    "lfw": BenchConfig(data="lfw", resolution=16, train_size=32, held_out_size=68, num_samples=128, train_steps=2000),
+}
+QUALITY_SLACK = 1.1  # matched quality: FD-PCA within 10 % of the DDPM baseline's best
+METRICS = ("memorized", "closer_than_held_out", "frechet_distance", "precision", "recall")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="digits32")
+    parser.add_argument("--methods", nargs="+", default=["ddpm", "hold2", "hold3", "hold4"], choices=BENCH_METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num_evaluations", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="300 updates, 64 samples, 2 evaluations: a smoke run.")
+    parser.add_argument("--state_dir", type=Path, default=Path("outputs/frontier_state"))
+    parser.add_argument("--output", type=Path, default=None, help="Default: benchmarks/results/frontier/<study>.json")
+    args = parser.parse_args()
+    if args.methods[0] != "ddpm":
+        parser.error("the first method must be ddpm: the matched-quality target is read off it")
+    torch.set_num_threads(1)  # the models are tiny: one thread is faster than two here
+    config = replace(STUDIES[args.study], methods=args.methods, num_evaluations=args.num_evaluations)
+    if args.quick:
+        config = replace(config, train_steps=300, num_samples=64, num_evaluations=2, hold_steps=50)
+    output = args.output or RESULTS / f"{args.study}{'_quick' if args.quick else ''}.json"
+    start, load = time.perf_counter(), ForeignLoad()
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            run_config = replace(config, seed=seed)
+            train, held_out = load_bench_data(run_config)
+            state_dir = args.state_dir / output.stem / f"seed{seed}"
+            state_dir.mkdir(parents=True, exist_ok=True)
+            result, _ = train_and_evaluate(BENCH_METHODS[method], train, held_out, run_config, state_dir)
+            curves.setdefault(method, {})[str(seed)] = [
+                {"step": point["step"], **{key: point[key] for key in METRICS}} for point in result["curve"]
+            ]
+            print(f"{method} seed {seed}: " + ", ".join(
+                f"{p['step']}: {p['memorized']:.0%} / FD {p['frechet_distance']:.2f}" for p in result["curve"]
+            ))  # fmt: skip
+    env = environment(("torch", "diffusers"))
+    env["foreign_cpu_share"] = load.share(env["cpu_count"])
+    config_dict = {k: v for k, v in asdict(config).items() if k != "seed"}
+    results = {
+        "study": args.study,
+        "config": config_dict,
+        "seeds": args.seeds,
+        "curves": curves,
+        "matched_quality": matched_quality(curves),
+        "final": final_scores(curves),
+        "environment": env,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    finish(results, output, print_report)
+    plot_frontier(results, output.with_suffix(".png"))
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean with a 95 % t-interval over seeds (no interval from one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci": None, "values": values}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return {"mean": mean, "ci": [mean - half, mean + half], "values": values}
+
+
+def matched_quality(curves: dict[str, dict[str, list[dict]]]) -> dict:
+    """Each method's least memorized evaluation that meets the quality target, per seed and over seeds."""
+    ddpm = list(curves["ddpm"].values())
+    mean_fd = [sum(seed[i]["frechet_distance"] for seed in ddpm) / len(ddpm) for i in range(len(ddpm[0]))]
+    target = QUALITY_SLACK * min(mean_fd)
+    summary = {"fd_target": target}
+    for method, seeds in curves.items():
+        chosen = {}
+        for seed, curve in seeds.items():
+            meeting = [point for point in curve if point["frechet_distance"] <= target]
+            chosen[seed] = min(meeting, key=lambda p: (p["memorized"], p["frechet_distance"])) if meeting else None
+        reached = [point for point in chosen.values() if point is not None]
+        entry = {"per_seed": chosen, "seeds_reaching_target": len(reached)}
+        if len(reached) == len(chosen):
+            entry.update({key: mean_interval([point[key] for point in reached]) for key in METRICS})
+        summary[method] = entry
+    return summary
+
+
+def final_scores(curves: dict[str, dict[str, list[dict]]]) -> dict:
+    """Every metric at the end of training, mean and 95 % t-interval over seeds."""
+    return {
+        method: {key: mean_interval([curve[-1][key] for curve in seeds.values()]) for key in METRICS}
+        for method, seeds in curves.items()
+    }
+
+
+def print_report(results: dict) -> None:
+    matched = results["matched_quality"]
+    print(f"\n{results['study']}: matched quality = FD-PCA <= {matched['fd_target']:.3f} (1.1 x DDPM's best)")
+    print(f"{'method':<10}{'memorized at matched FD':>28}{'closer than held-out':>26}{'final memorized':>22}"
+          f"{'final FD':>18}")  # fmt: skip
+    for method, entry in ((m, e) for m, e in matched.items() if m != "fd_target"):
+        final = results["final"][method]
+        if "memorized" in entry:
+            mem, closer = _cell(entry["memorized"]), _cell(entry["closer_than_held_out"])
+        else:
+            mem = closer = f"{entry['seeds_reaching_target']}/{len(entry['per_seed'])} seeds reach it"
+        print(f"{method:<10}{mem:>28}{closer:>26}{_cell(final['memorized']):>22}"
+              f"{_cell(final['frechet_distance'], percent=False):>18}")  # fmt: skip
+
+
+def _cell(summary: dict, percent: bool = True) -> str:
+    scale, unit = (100, "%") if percent else (1, "")
+    if summary["ci"] is None:
+        return f"{scale * summary['mean']:.1f}{unit}"
+    low, high = summary["ci"]
+    return f"{scale * summary['mean']:.1f} [{scale * low:.1f}, {scale * high:.1f}]{unit}"
+
+
+def plot_frontier(results: dict, path: Path) -> None:
+    """Memorized fraction (two criteria) against FD-PCA: seeds thin, the mean over seeds thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for colour, (method, seeds) in zip(plt.cm.tab10.colors, results["curves"].items(), strict=False):
+        for criterion, axis in zip(("memorized", "closer_than_held_out"), axes, strict=True):
+            for curve in seeds.values():
+                axis.plot([p["frechet_distance"] for p in curve], [100 * p[criterion] for p in curve],
+                          "o-", color=colour, alpha=0.3, lw=0.8, ms=3)  # fmt: skip
+            mean = [
+                (sum(c[i]["frechet_distance"] for c in seeds.values()) / len(seeds),
+                 100 * sum(c[i][criterion] for c in seeds.values()) / len(seeds))
+                for i in range(len(next(iter(seeds.values()))))
+            ]  # fmt: skip
+            axis.plot(*zip(*mean, strict=True), "o-", color=colour, lw=2.2, label=method)
+    target = results["matched_quality"]["fd_target"]
+    for axis, title in zip(axes, ("memorized (1/3 rule), %", "closer than held-out 5th percentile, %"), strict=True):
+        axis.axvline(target, color="grey", ls="--", lw=1)
+        axis.set_xlabel("FD-PCA (lower is better)")
+        axis.set_ylabel(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    config = results["config"]
+    figure.suptitle(
+        f"{results['study']}: {config['train_size']} images, {config['train_steps']} updates, "
+        f"seeds {results['seeds']} (thin) and their mean (thick); dashed: matched-quality target"
+    )
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
