@@ -17,6 +17,7 @@ from PIL import Image
 from diffusers_hold.bench import (
     BENCH_METHODS,
     BenchConfig,
+    build_model,
     build_parser,
     config_from_args,
     evaluate,
@@ -203,6 +204,27 @@ def test_photo_patches_are_split_into_disjoint_training_and_held_out_images():
     assert set(picked) <= rows and len(set(picked)) == 544  # drawn from the patches, none twice
     other_seed, _ = load_bench_data(BenchConfig(data="photos", methods=["ddpm"], seed=1))
     assert not torch.equal(other_seed, train)
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "value"),
+    [
+        ("hold3_linv05", "L_inv", 0.5),
+        ("hold3_aux1", "aux_init_var", 1.0),
+        ("hold3_T3", "T", 3.0),
+        ("hold3_T8", "T", 8.0),
+    ],
+)
+def test_hold_setting_variants_train_model_and_scheduler_under_the_same_process(name, setting, value):
+    unet, scheduler = build_model(BENCH_METHODS[name], BenchConfig(methods=[name]), channels=1)
+    assert scheduler.config[setting] == value and unet.config.hold_settings[setting] == value
+    assert unet.config.hold_order == scheduler.hold_order == 3
+    state = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # the UNet accepts its own scheduler's input and refuses the default process's
+        unet(scheduler.scale_model_input(state, full_state=True), scheduler.time_to_timestep(torch.tensor(1.0)))
+        default = build_model(BENCH_METHODS["hold3"], BenchConfig(methods=["hold3"]), channels=1)[1]
+        with pytest.raises(ValueError, match=setting):
+            unet(default.scale_model_input(state, full_state=True), torch.tensor(100.0))
 
 
 class _Marker:

@@ -42,6 +42,8 @@ class BenchMethod:
         name (`str`): the method's key (``--methods``).
         description (`str`): one line for the table.
         hold_order (`int`, *optional*): train a HOLD model of this order; `None` trains the DDPM baseline.
+        hold_settings (`dict`): forward-process settings of the HOLD model other than the defaults of
+            :class:`~diffusers_hold.HOLDScheduler` (``T``, ``L_inv``, ``aux_init_var``).
         callbacks (`Callable`): ``(noise_scheduler, config, train_images) -> list[TrainingCallback]``, the training
             mitigations.
         sampling_guidance (`Callable`, *optional*): ``(unet, scheduler, train_images, config) -> context manager``
@@ -57,6 +59,7 @@ class BenchMethod:
     name: str
     description: str
     hold_order: int | None = None
+    hold_settings: dict[str, float] = field(default_factory=dict)
     callbacks: Callable[[Any, BenchConfig, torch.Tensor], list[TrainingCallback]] = field(
         default=lambda scheduler, config, train: [], repr=False
     )
@@ -138,6 +141,15 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("hold2", "HOLD order 2", hold_order=2),
         BenchMethod("hold3", "HOLD order 3", hold_order=3),
         BenchMethod("hold4", "HOLD order 4", hold_order=4),
+        # HOLD's own settings (issue 15): the HOLD++ reference code's CIFAR value of L_inv, auxiliaries started at
+        # the prior's variance instead of 0.08, shorter and longer horizons T, and HOLD on top of IET
+        BenchMethod("hold3_linv05", "HOLD order 3, L_inv 0.5", hold_order=3, hold_settings={"L_inv": 0.5}),
+        BenchMethod("hold3_aux1", "HOLD order 3, aux_init_var 1", hold_order=3, hold_settings={"aux_init_var": 1.0}),
+        BenchMethod("hold3_T3", "HOLD order 3, T 3", hold_order=3, hold_settings={"T": 3.0}),
+        BenchMethod("hold3_T8", "HOLD order 3, T 8", hold_order=3, hold_settings={"T": 8.0}),
+        BenchMethod(
+            "hold3_iet", "HOLD order 3 + iterative ensemble training", hold_order=3, callbacks=_ensemble(False)
+        ),
         # the three settings of docs/MEMORIZATION.md: milder and stronger emphasis on later steps, and on earlier ones
         BenchMethod(
             "snr_interval", "DDPM, timesteps ~ N(0.4, 0.2) on u (later steps)", callbacks=_gaussian_timesteps(0.4, 0.2)

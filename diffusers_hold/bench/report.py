@@ -136,7 +136,7 @@ def _samples_vs_nearest(plt, results: list[dict], generated: dict[str, torch.Ten
 
 def _memorization_vs_order(plt, results: list[dict]):
     ordered = sorted(
-        (r for r in results if r["method"] == "ddpm" or r["hold_order"]), key=lambda r: r["hold_order"] or 1
+        (r for r in results if r["method"] in ("ddpm", f"hold{r['hold_order']}")), key=lambda r: r["hold_order"] or 1
     )
     if not ordered:
         return None

@@ -102,8 +102,11 @@ def build_model(method: BenchMethod, config: BenchConfig, channels: int):
         architecture["up_block_types"] = ("AttnUpBlock2D",) + ("UpBlock2D",) * depth
         if method.hold_order is None:
             return UNet2DModel(**architecture), DDPMScheduler(num_train_timesteps=1000)
-        scheduler = HOLDScheduler(order=method.hold_order, solver="euler_maruyama", timestep_spacing="quadratic")
-        return HOLDUNet2DModel(**architecture, hold_order=method.hold_order), scheduler
+        scheduler = HOLDScheduler(
+            order=method.hold_order, solver="euler_maruyama", timestep_spacing="quadratic", **method.hold_settings
+        )
+        unet = HOLDUNet2DModel(**architecture, hold_order=method.hold_order, hold_settings=method.hold_settings)
+        return unet, scheduler
 
 
 @torch.no_grad()
