@@ -22,7 +22,8 @@ seeds with a 95 % t-interval, and says when a seed never meets the target.
 Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 updates), ``digits128`` (128 digits,
 8,000 updates: DDPM in its transition regime), ``photos8`` and ``photos16`` (32 RGB patches of bundled photographs
 at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
-``benchmarks/results/frontier/<study>.json`` and ``.png``; trained states to ``--state_dir`` (a rerun resumes).
+``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
+``--state_dir/<study>/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the trained ones).
 """
 
 from __future__ import annotations
@@ -68,14 +69,16 @@ def main() -> None:
     config = replace(STUDIES[args.study], methods=args.methods, num_evaluations=args.num_evaluations)
     if args.quick:
         config = replace(config, train_steps=300, num_samples=64, num_evaluations=2, hold_steps=50)
-    output = args.output or RESULTS / f"{args.study}{'_quick' if args.quick else ''}.json"
+    name = f"{args.study}{'_quick' if args.quick else ''}"
+    output = args.output or RESULTS / f"{name}.json"
     start, load = time.perf_counter(), ForeignLoad()
     curves: dict[str, dict[str, list[dict]]] = {}
     for method in args.methods:
         for seed in args.seeds:
             run_config = replace(config, seed=seed)
             train, held_out = load_bench_data(run_config)
-            state_dir = args.state_dir / output.stem / f"seed{seed}"
+            # one folder per study and seed, so that another --output (more methods) reuses the trained models
+            state_dir = args.state_dir / name / f"seed{seed}"
             state_dir.mkdir(parents=True, exist_ok=True)
             result, _ = train_and_evaluate(BENCH_METHODS[method], train, held_out, run_config, state_dir)
             curves.setdefault(method, {})[str(seed)] = [
