@@ -23,7 +23,8 @@ Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 
 8,000 updates: DDPM in its transition regime), ``photos8`` and ``photos16`` (32 RGB patches of bundled photographs
 at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
 ``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
-``--state_dir/<study>/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the trained ones).
+``--state_dir/<study>/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the trained ones);
+sample grids (one row per evaluation, earliest on top) to ``benchmarks/results/frontier/<study>_samples/``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from harness import ForeignLoad, environment, finish
 from scipy import stats
 
 from diffusers_hold.bench import BENCH_METHODS, BenchConfig, load_bench_data, train_and_evaluate
-from diffusers_hold.utils import atomic_output
+from diffusers_hold.utils import atomic_output, image_grid, to_pil_image
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frontier"
 STUDIES = {
@@ -50,6 +51,7 @@ STUDIES = {
     "lfw": BenchConfig(data="lfw", resolution=16, train_size=32, held_out_size=68, num_samples=128, train_steps=2000),
 }
 QUALITY_SLACK = 1.1  # matched quality: FD-PCA within 10 % of the DDPM baseline's best
+GRID_COLUMNS = 16  # generations shown per evaluation in the sample grids
 METRICS = ("memorized", "closer_than_held_out", "frechet_distance", "precision", "recall")
 
 
@@ -80,7 +82,13 @@ def main() -> None:
             # one folder per study and seed, so that another --output (more methods) reuses the trained models
             state_dir = args.state_dir / name / f"seed{seed}"
             state_dir.mkdir(parents=True, exist_ok=True)
-            result, _ = train_and_evaluate(BENCH_METHODS[method], train, held_out, run_config, state_dir)
+            grid_rows = []
+            result, _ = train_and_evaluate(
+                BENCH_METHODS[method], train, held_out, run_config, state_dir,
+                on_evaluation=lambda step, generated, scores, rows=grid_rows: rows.append(generated[:GRID_COLUMNS]),
+            )  # fmt: skip
+            if grid_rows:  # a run restored whole from its state has no new generations to show
+                save_grid(grid_rows, output.parent / f"{name}_samples" / f"{method}_seed{seed}.png")
             curves.setdefault(method, {})[str(seed)] = [
                 {"step": point["step"], **{key: point[key] for key in METRICS}} for point in result["curve"]
             ]
@@ -102,6 +110,15 @@ def main() -> None:
     }
     finish(results, output, print_report)
     plot_frontier(results, output.with_suffix(".png"))
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """The first generations of each evaluation, one row per evaluation (top: earliest)."""
+    images = [to_pil_image((image + 1) / 2) for row in rows for image in row]
+    grid = image_grid(images, cols=GRID_COLUMNS, scale=max(1, 48 // rows[0].shape[-1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary:
+        grid.save(temporary, format="png")
 
 
 def mean_interval(values: list[float]) -> dict:

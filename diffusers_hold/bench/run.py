@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,11 +276,13 @@ def train_and_evaluate(
     config: BenchConfig,
     state_dir: Path,
     progress: bool = True,
+    on_evaluation: Callable[[int, torch.Tensor, dict], None] | None = None,
 ) -> tuple[dict, torch.Tensor]:
     """Train one method, evaluating it along the way; resume from ``state_dir`` when it holds a saved state.
 
     The state (``<state_dir>/<method>.pt``) is saved atomically after every evaluation. Returns the method's result
-    dict and its final generations.
+    dict and its final generations. ``on_evaluation(step, generations, scores)``, if given, is called after each
+    evaluation this call makes (not for those restored from a saved state), e.g. to keep sample grids.
     """
     run = _MethodRun.create(method, config, train)
     path = state_dir / f"{method.name}.pt"
@@ -293,6 +296,8 @@ def train_and_evaluate(
         scores = evaluate(generated, train, held_out, config)
         run.curve.append({"step": run.step, **public_scores(scores)})
         _save_state(run.state_dict(), path)
+        if on_evaluation is not None:
+            on_evaluation(run.step, generated, scores)
     bar.close()
     if generated is None:  # every evaluation was done before an interruption: sample the saved final model again
         generated = _sample(run.model, run.scheduler, config, method, train)
