@@ -54,7 +54,11 @@ class PCAFeatures:
         explained_variance_ (`torch.Tensor` of shape `(n_components,)`): variance along each axis (``N - 1`` divisor).
         explained_variance_ratio_ (`torch.Tensor` of shape `(n_components,)`): its share of the total variance.
         image_shape (`tuple`): per-image shape seen by :meth:`fit`; :meth:`transform` requires the same.
+        metric (`str`): ``"l2"``, the distance the metrics use in this space (the learned extractors of
+            :mod:`~diffusers_hold.metrics.features` say ``"cosine"``).
     """
+
+    metric = "l2"
 
     def __init__(self, n_components: int = 32):
         check_positive_int(n_components, "n_components")
