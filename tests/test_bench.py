@@ -227,6 +227,18 @@ def test_hold_setting_variants_train_model_and_scheduler_under_the_same_process(
             unet(default.scale_model_input(state, full_state=True), torch.tensor(100.0))
 
 
+def test_the_dit_methods_train_sample_and_prune_a_diffusers_dit(tmp_path):
+    config = BenchConfig(methods=["dit", "dit_prune30_random"], train_size=16, held_out_size=64, num_samples=8,
+                         train_steps=10, num_evaluations=1, ddim_steps=3)  # fmt: skip
+    results = run_bench(config, tmp_path / "run", progress=False)
+    assert [r["method"] for r in results] == ["dit", "dit_prune30_random"]
+    assert all(0 <= r["memorized"] <= 1 and np.isfinite(r["frechet_distance"]) for r in results)
+    for name, expected in (("dit", 0), ("dit_prune30_random", round(0.3 * 32))):
+        model, _ = build_model(BENCH_METHODS[name], config, channels=1)
+        model.load_state_dict(torch.load(tmp_path / "run" / "state" / f"{name}.pt", weights_only=True)["model"])
+        assert len(pruned_heads(model)) == expected
+
+
 class _Marker:
     """Unpickling this object creates a file: a stand-in for code a foreign state file could run."""
 

@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 
 from diffusers_hold import HOLDScheduler
+from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_model
 from diffusers_hold.mitigations.callbacks import CallbackList, TrainingState
 from diffusers_hold.mitigations.head_pruning import (
     AttentionHead,
@@ -462,6 +463,29 @@ def test_callback_measures_and_prunes_at_the_requested_step():
     )
     assert sorted(chosen) == sorted(sorted(importance, key=importance.get)[:4])
     assert sorted(pruned_heads(model)) == sorted(chosen)
+
+
+def test_callback_prunes_the_least_important_heads_of_a_dit_with_its_class_labels():
+    # the bench's DiT (issue 15: pruning where Ye et al. prune), with the class labels its forward needs
+    method, config = BENCH_METHODS["dit_prune20"], BenchConfig(methods=["dit_prune20"])
+    data = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    dit, scheduler = build_model(method, config, channels=1)
+    assert isinstance(dit, DiTTransformer2DModel) and len(attention_heads(dit)) == 32
+    [callback] = method.callbacks(scheduler, config, data)
+    callback.num_draws = 1  # keep the test short; the choice is still ranked on the same draws as below
+    chosen = callback.prune_now(dit, scheduler)
+    importance = head_importance(
+        build_model(method, config, channels=1)[0],
+        scheduler,
+        data,
+        num_draws=1,
+        forward_kwargs={"class_labels": torch.zeros(4, dtype=torch.long)},
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    assert sorted(chosen) == sorted(sorted(importance, key=importance.get)[: round(0.2 * 32)])
+    assert sorted(pruned_heads(dit)) == sorted(chosen)
+    out = dit(torch.randn(2, 1, 8, 8), torch.tensor([5, 50]), class_labels=torch.zeros(2, dtype=torch.long)).sample
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
 # --- NeMo --------------------------------------------------------------------------------------------------------

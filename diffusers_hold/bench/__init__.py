@@ -23,7 +23,7 @@ text-conditional methods) and :mod:`.cli` (the flags).
 """
 
 from .cli import build_parser, config_from_args, main, run_from_args
-from .methods import BENCH_METHODS, DEFAULT_METHODS, BenchConfig, BenchMethod
+from .methods import BENCH_METHODS, DEFAULT_METHODS, BenchConfig, BenchMethod, dit_inputs
 from .report import check_evaluation_sizes, evaluate, results_table, write_figures
 from .run import build_model, load_bench_data, run_bench, train_and_evaluate
 from .text import BenchTextEncoder, bench_caption
@@ -39,6 +39,7 @@ __all__ = [
     "build_model",
     "build_parser",
     "config_from_args",
+    "dit_inputs",
     "evaluate",
     "load_bench_data",
     "main",

@@ -31,7 +31,7 @@ from ..mitigations import (
 )
 from .text import BenchTextEncoder, bench_caption
 
-__all__ = ["BENCH_METHODS", "DEFAULT_METHODS", "BenchConfig", "BenchMethod"]
+__all__ = ["BENCH_METHODS", "DEFAULT_METHODS", "BenchConfig", "BenchMethod", "dit_inputs"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class BenchMethod:
             ``config.guidance_scale``.
         trained_by (`str`, *optional*): an inference-time method trains nothing: it samples the final model of this
             method (which must come earlier in the run) and is evaluated once, at the end.
+        transformer (`bool`, defaults to `False`): train a small DiT (diffusers' ``DiTTransformer2DModel``: patch
+            size 2, 4 layers of 8 heads of width 8, one class) instead of the UNet, as Ye et al. prune.
     """
 
     name: str
@@ -66,6 +68,7 @@ class BenchMethod:
     sampling_guidance: Callable[[Any, Any, torch.Tensor, BenchConfig], Any] | None = field(default=None, repr=False)
     text_conditional: bool = False
     trained_by: str | None = None
+    transformer: bool = False
 
 
 def _gaussian_timesteps(mean: float, sd: float):
@@ -112,21 +115,27 @@ def _cfg_gap_filter(scheduler, config: BenchConfig, train: torch.Tensor) -> list
     return [CFGGapFilter({"encoder_hidden_states": empty}, threshold=threshold)]
 
 
-def _head_pruning(criterion: str):
+def _head_pruning(criterion: str, ratio: float = 0.2, transformer: bool = False):
     def callbacks(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
         # Ye et al.: prune 20 % of the heads of the trained model, then fine-tune; here after 80 % of the updates
         return [
             HeadPruningCallback(
-                ratio=0.2,
+                ratio=ratio,
                 importance_data=train,
                 prune_at_step=round(0.8 * config.train_steps),
                 criterion=criterion,
                 num_draws=8,
+                forward_kwargs=dit_inputs(len(train)) if transformer else None,
                 seed=config.seed,
             )
         ]
 
     return callbacks
+
+
+def dit_inputs(batch_size: int) -> dict[str, torch.Tensor]:
+    """The forward arguments of the bench's DiT besides the sample and timestep: its one class label."""
+    return {"class_labels": torch.zeros(batch_size, dtype=torch.long)}
 
 
 def _sampled_t2i(name: str, description: str, guidance: Callable) -> BenchMethod:
@@ -174,6 +183,18 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         ),
         BenchMethod(
             "prune_random", "DDPM, 20 % random heads pruned at 80 % (control)", callbacks=_head_pruning("random")
+        ),
+        # pruning where Ye et al. prune it (issue 15): a DiT, whose capacity is in its attention heads
+        BenchMethod("dit", "DDPM DiT (patch 2, 4 layers x 8 heads)", transformer=True),
+        *(
+            BenchMethod(
+                f"dit_prune{percent}{suffix}",
+                f"DDPM DiT, {percent} % {kind} heads pruned at 80 % of training",
+                callbacks=_head_pruning(criterion, percent / 100, transformer=True),
+                transformer=True,
+            )
+            for percent in (10, 20, 30)
+            for criterion, suffix, kind in (("masking", "", "least important"), ("random", "_random", "random"))
         ),
         BenchMethod(
             "amg",

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from tqdm.auto import tqdm
 
 from ..data import load_digits_images, load_lfw_faces, load_photo_patches
@@ -33,7 +40,7 @@ from ..models import HOLDUNet2DModel
 from ..pipelines import HOLDPipeline
 from ..schedulers import HOLDScheduler
 from ..utils import atomic_output
-from .methods import BENCH_METHODS, BenchConfig, BenchMethod
+from .methods import BENCH_METHODS, BenchConfig, BenchMethod, dit_inputs
 from .report import check_evaluation_sizes, evaluate, public_scores, results_table, write_figures
 from .text import BenchTextEncoder, bench_caption
 
@@ -75,7 +82,8 @@ def build_model(method: BenchMethod, config: BenchConfig, channels: int):
     """The method's model and training scheduler (untrained), with weights from the run's seed.
 
     Args:
-        method (`BenchMethod`): the method (its HOLD order and conditioning choose the architecture).
+        method (`BenchMethod`): the method (its HOLD order, conditioning and ``transformer`` choose the
+            architecture).
         config (`BenchConfig`): the run's settings (resolution, widths, seed).
         channels (`int`): image channels.
     """
@@ -90,6 +98,17 @@ def build_model(method: BenchMethod, config: BenchConfig, channels: int):
     depth = len(config.block_out_channels) - 1
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
+        if method.transformer:
+            dit = DiTTransformer2DModel(
+                num_attention_heads=8,
+                attention_head_dim=8,
+                in_channels=channels,
+                num_layers=4,
+                sample_size=config.resolution,
+                patch_size=2,
+                num_embeds_ada_norm=1,
+            )
+            return dit, DDPMScheduler(num_train_timesteps=1000)
         if method.text_conditional:
             unet = UNet2DConditionModel(
                 **architecture,
@@ -122,6 +141,8 @@ def _sample(model, scheduler, config: BenchConfig, method: BenchMethod, train: t
     with guidance(model, sampler, train, config):
         if method.text_conditional:
             images = _sample_with_captions(model, sampler, config, len(train), generator)
+        elif method.transformer:
+            images = _sample_dit(model, sampler, config, train.shape[1], generator)
         else:
             pipe = HOLDPipeline(unet=model, scheduler=sampler) if hold else DDIMPipeline(unet=model, scheduler=sampler)
             pipe.set_progress_bar_config(disable=True)
@@ -134,6 +155,18 @@ def _sample(model, scheduler, config: BenchConfig, method: BenchMethod, train: t
             images = (images if hold else torch.from_numpy(images).permute(0, 3, 1, 2)).float() * 2 - 1
     model.train()
     return images
+
+
+def _sample_dit(dit, scheduler, config: BenchConfig, channels: int, generator) -> torch.Tensor:
+    """DDIM for the bench's DiT, which diffusers' DDIMPipeline cannot call (it needs class labels)."""
+    size = config.resolution
+    sample = torch.randn(config.num_samples, channels, size, size, generator=generator)
+    inputs = dit_inputs(config.num_samples)
+    scheduler.set_timesteps(config.ddim_steps)
+    for t in scheduler.timesteps:
+        noise_pred = dit(sample, t.expand(len(sample)), **inputs).sample
+        sample = scheduler.step(noise_pred, t, sample).prev_sample
+    return sample.clamp(-1, 1)
 
 
 def _sample_with_captions(unet, scheduler, config: BenchConfig, train_size: int, generator) -> torch.Tensor:
@@ -221,6 +254,8 @@ class _MethodRun:
     def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The training images of the batch's indices; for text-conditional methods also their captions' states."""
         clean = self.train[batch["indices"]]
+        if self.method.transformer:
+            return clean, dit_inputs(len(clean))
         if not self.method.text_conditional:
             return clean, {}
         # 10 % empty captions, so that the model also learns the unconditional score CFG needs
