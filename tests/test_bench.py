@@ -239,6 +239,21 @@ def test_the_dit_methods_train_sample_and_prune_a_diffusers_dit(tmp_path):
         assert len(pruned_heads(model)) == expected
 
 
+def test_the_snr_interval_grid_is_vu_et_als_gaussian_over_each_interval():
+    from scipy.stats import norm
+
+    grid = {name: method for name, method in BENCH_METHODS.items() if name.startswith("snr_u")}
+    assert len(grid) == 6
+    for name, method in grid.items():
+        low, high = (float(v) for v in name[len("snr_u") :].split("_c")[0].split("-"))
+        confidence = int(name.split("_c")[1]) / 100
+        config = BenchConfig(methods=[name])
+        _, scheduler = build_model(method, config, channels=1)
+        [callback] = method.callbacks(scheduler, config, torch.zeros(4, 1, 8, 8))
+        assert callback.sampler.mean == pytest.approx((low + high) / 2)
+        assert callback.sampler.std == pytest.approx((high - low) / (2 * norm.ppf((1 + confidence) / 2)))
+
+
 class _Marker:
     """Unpickling this object creates a file: a stand-in for code a foreign state file could run."""
 

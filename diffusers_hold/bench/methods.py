@@ -81,6 +81,17 @@ def _gaussian_timesteps(mean: float, sd: float):
     return callbacks
 
 
+def _snr_interval(c_low: float, c_high: float, confidence: float):
+    """Vu et al.'s sampler as the paper parameterises it: the Gaussian whose central ``confidence`` mass covers
+    ``[c_low, c_high]`` on ``u``, truncated to ``[0, 1]``."""
+
+    def callbacks(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
+        sampler = SNRIntervalTimestepSampler(scheduler, c_low=c_low, c_high=c_high, confidence=confidence)
+        return [TimestepSamplingCallback(sampler, seed=config.seed)]
+
+    return callbacks
+
+
 def _anti_gradient_control(scheduler, config: BenchConfig, train: torch.Tensor) -> list[TrainingCallback]:
     return [AntiGradientControl(scheduler.config.num_train_timesteps, mem_ratio=2.0)]
 
@@ -170,6 +181,17 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         ),
         BenchMethod(
             "snr_early", "DDPM, timesteps ~ N(0.75, 0.125) on u (earlier)", callbacks=_gaussian_timesteps(0.75, 0.125)
+        ),
+        # a grid over the sampler's interval and confidence (issue 15 item 4): intervals of width 0.4 on u from the
+        # last denoising steps (u in [0, 0.4]) to the first, at 95 % and 68 % confidence
+        *(
+            BenchMethod(
+                f"snr_u{low:g}-{low + 0.4:g}_c{round(100 * confidence)}",
+                f"DDPM, {round(100 * confidence)} % of timesteps in u = [{low:g}, {low + 0.4:g}] (Vu et al.)",
+                callbacks=_snr_interval(low, round(low + 0.4, 2), confidence),
+            )
+            for low in (0.0, 0.3, 0.6)
+            for confidence in (0.95, 0.68)
         ),
         BenchMethod("agc", "DDPM + anti-gradient control (mem_ratio 2)", callbacks=_anti_gradient_control),
         BenchMethod("iet", "DDPM, iterative ensemble training (4 shards)", callbacks=_ensemble(redistribute=False)),
