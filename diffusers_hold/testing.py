@@ -5,11 +5,18 @@ Everything here is a real diffusers / transformers class (``UNet2DConditionModel
 diffusers' own fast tests use. The only Hub download of those tests, the tokenizer, is replaced by a character-level
 CLIP vocabulary built in memory. The images such a pipeline makes are noise-like; what it is good for is running
 every code path of a real pipeline in seconds on a CPU.
+
+For the feature extractors of the audits: tiny random DINOv2 and CLIP models saved as local folders
+(:func:`save_tiny_dinov2`, :func:`save_tiny_clip`) and a TorchScript stand-in for the SSCD descriptor whose
+invariances are known by construction (:class:`ChannelMeanDescriptor`, :func:`save_channel_mean_torchscript`).
 """
 
 from __future__ import annotations
 
+import os
 import string
+import warnings
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -21,11 +28,24 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 from .models import HOLDUNet2DModel
 
 __all__ = [
+    "ChannelMeanDescriptor",
+    "save_channel_mean_torchscript",
+    "save_tiny_clip",
+    "save_tiny_dinov2",
     "tiny_clip_tokenizer",
     "tiny_stable_diffusion_pipeline",
     "tiny_stable_diffusion_xl_pipeline",
@@ -206,6 +226,89 @@ def tiny_stable_diffusion_xl_pipeline(seed: int = 0, sample_size: int = 16) -> S
         scheduler=scheduler,
         add_watermarker=False,
     )
+
+
+# ------------------------------------------------------------------------- feature extractors for the audits
+class ChannelMeanDescriptor(torch.nn.Module):
+    """A stand-in for the SSCD descriptor: each channel's mean over the pixels, then a fixed ``(3, D)`` map.
+
+    The mean ignores where the pixels are, so flips and any rearrangement of the pixels leave the descriptor unchanged;
+    a map with orthonormal rows preserves dot products, so images whose (normalised) channel means are orthogonal get
+    orthogonal descriptors. Invariances and similarities are therefore known by construction.
+
+    Args:
+        projection (`torch.Tensor` of shape `(3, D)`): the map.
+    """
+
+    def __init__(self, projection: torch.Tensor):
+        super().__init__()
+        self.register_buffer("projection", projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x.mean(dim=(2, 3)) @ projection``: ``(N, 3, H, W)`` to ``(N, D)``."""
+        return x.mean(dim=(2, 3)) @ self.projection
+
+
+def save_channel_mean_torchscript(path: str | os.PathLike, projection: torch.Tensor) -> Path:
+    """Script a :class:`ChannelMeanDescriptor` and save it as a TorchScript file, as the SSCD release ships its models.
+
+    Args:
+        path (`str` or `os.PathLike`): the file to write.
+        projection (`torch.Tensor` of shape `(3, D)`): the descriptor's map.
+
+    Returns:
+        `Path`: ``path``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what the SSCD release ships
+        torch.jit.script(ChannelMeanDescriptor(projection.contiguous())).save(os.fspath(path))
+    return Path(path)
+
+
+def save_tiny_dinov2(path: str | os.PathLike, image_size: int = 16, seed: int = 0, **config) -> Path:
+    """Save a randomly initialised ``Dinov2Model`` (default: width 32, 2 layers, 2 heads, patch 4) with
+    ``save_pretrained``; ``config`` overrides any ``Dinov2Config`` field (e.g. the dinov2-small sizes). The global RNG
+    is left as it was.
+
+    Returns:
+        `Path`: ``path``.
+    """
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4)
+    settings.update(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        Dinov2Model(Dinov2Config(image_size=image_size, **settings)).save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_clip(path: str | os.PathLike, image_size: int = 16, seed: int = 1) -> Path:
+    """Save a randomly initialised ``CLIPModel`` (two towers of width 32, 2 layers, projection 16, patch 4) with the
+    character-level tokenizer of :func:`tiny_clip_tokenizer`. Both towers carry ``projection_dim`` as the released
+    configs do, so the vision tower loads alone as a ``CLIPVisionModelWithProjection``. The global RNG is left as it
+    was.
+
+    Returns:
+        `Path`: ``path``.
+    """
+    tokenizer = tiny_clip_tokenizer()
+    width, projection = 32, 16
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=2)
+    text_config = dict(
+        **tower,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection,
+    )
+    vision_config = dict(**tower, image_size=image_size, patch_size=4, projection_dim=projection)
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:

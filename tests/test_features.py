@@ -10,13 +10,12 @@ transformers, never against the code's own earlier output.
 import importlib
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+from transformers import CLIPModel, Dinov2Model
 
 from diffusers_hold.metrics import (
     CLIPImageFeatures,
@@ -28,7 +27,12 @@ from diffusers_hold.metrics import (
     cosine_similarity_matrix,
     load_features,
 )
-from diffusers_hold.testing import tiny_clip_tokenizer
+from diffusers_hold.testing import (
+    save_channel_mean_torchscript,
+    save_tiny_clip,
+    save_tiny_dinov2,
+    tiny_clip_tokenizer,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,21 +53,6 @@ def rand_images(*shape, seed: int) -> torch.Tensor:
 def normalise_by_hand(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``(x - mean_c) / std_c`` per channel, written out channel by channel."""
     return torch.stack([(images[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
-
-
-class ChannelMeanDescriptor(torch.nn.Module):
-    """SSCD stand-in: each channel's mean over the pixels, then a fixed map with orthonormal rows.
-
-    The mean ignores where the pixels are, so flips and any permutation of the pixels leave the descriptor unchanged;
-    the map preserves dot products, so images whose normalised channel means are orthogonal get orthogonal descriptors.
-    """
-
-    def __init__(self, projection: torch.Tensor):
-        super().__init__()
-        self.register_buffer("projection", projection)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3)) @ self.projection
 
 
 def direction_image(channel: int, seed: int, sign: float = 1.0, side: int = SIDE) -> torch.Tensor:
@@ -88,49 +77,24 @@ def features_with_similarities(similarities) -> tuple[torch.Tensor, torch.Tensor
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def dinov2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4, image_size=SIDE
-    )
-    path = tmp_path_factory.mktemp("dinov2")
-    Dinov2Model(config).save_pretrained(path)
-    return path
+    """A tiny random Dinov2Model (width 32, 2 layers, patch 4) saved locally."""
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2"), image_size=SIDE, seed=0)
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny CLIPModel with its tokenizer; both towers carry ``projection_dim`` as the released configs do, so the
     vision tower loads alone as a CLIPVisionModelWithProjection."""
-    tokenizer = tiny_clip_tokenizer()
-    width, projection = 32, 16
-    tower = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=2)
-    text_config = dict(
-        **tower,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection,
-    )
-    vision_config = dict(**tower, image_size=SIDE, patch_size=4, projection_dim=projection)
-    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection)
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), image_size=SIDE, seed=1)
 
 
 @pytest.fixture(scope="module")
 def sscd_path(tmp_path_factory):
+    """The SSCD stand-in (ChannelMeanDescriptor of diffusers_hold.testing): each channel's mean over the pixels, then a
+    fixed map with orthonormal rows, so flips and any permutation of the pixels leave the descriptor unchanged and
+    images whose normalised channel means are orthogonal get orthogonal descriptors."""
     q, _ = torch.linalg.qr(rand_images(8, 3, seed=2) - 0.5)  # (8, 3) with orthonormal columns
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what the SSCD release ships
-        module = torch.jit.script(ChannelMeanDescriptor(q.T.contiguous()))
-        path = tmp_path_factory.mktemp("sscd") / "stand_in.torchscript.pt"
-        module.save(str(path))
-    return path
+    return save_channel_mean_torchscript(tmp_path_factory.mktemp("sscd") / "stand_in.torchscript.pt", q.T)
 
 
 # ------------------------------------------------------------------------------------------ preprocessing

@@ -18,17 +18,33 @@ An audit that samples worse than the model is used under-reports copying (noisy 
 everything), so by default it samples with the step count the pipeline is meant to run at
 (:func:`default_num_inference_steps`: what a :class:`~diffusers_hold.HOLDScheduler` recommends for its solver, else
 the pipeline's own default), and the report records the steps, where they came from and the scheduler's settings.
+
+:func:`audit_prompt_set` is the prompt-set protocol of the text-to-image memorization papers: ``images_per_prompt``
+generations per prompt of a prompt file (:func:`read_prompt_file`, :class:`PromptSet`), each scored against its
+prompt's reference images or the training images by cosine similarity in PCA, DINOv2, CLIP or SSCD features (per
+prompt: max, top-3 mean, fraction of copies; overall: their means with bootstrap intervals), with the CLIP score and
+the 1/3 rule in the same feature space, once per inference-time mitigation (:data:`INFERENCE_MITIGATIONS`) on the same
+prompts and seeds. Each variant is a :class:`ProtocolReport` in the report.
 """
 
-from .report import REPORT_FORMAT_VERSION, AuditReport
+from .prompts import PromptSet, load_reference_images, read_prompt_file
+from .protocol import audit_prompt_set
+from .report import REPORT_FORMAT_VERSION, AuditReport, ProtocolReport
 from .run import audit_pipeline, check_output_dir, default_num_inference_steps, generate_images, is_text_conditional
+from .variants import INFERENCE_MITIGATIONS
 
 __all__ = [
+    "INFERENCE_MITIGATIONS",
     "REPORT_FORMAT_VERSION",
     "AuditReport",
+    "PromptSet",
+    "ProtocolReport",
     "audit_pipeline",
+    "audit_prompt_set",
     "check_output_dir",
     "default_num_inference_steps",
     "generate_images",
     "is_text_conditional",
+    "load_reference_images",
+    "read_prompt_file",
 ]

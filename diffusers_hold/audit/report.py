@@ -1,5 +1,6 @@
-"""The audit's report: what :func:`~diffusers_hold.audit.audit_pipeline` measured, as ``report.json`` (written and
-read back, validated) and as Markdown for a model card."""
+"""The audit's report: what :func:`~diffusers_hold.audit.audit_pipeline` (and
+:func:`~diffusers_hold.audit.audit_prompt_set`) measured, as ``report.json`` (written and read back, validated) and as
+Markdown for a model card."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .._validation import is_integer, is_real_number
-from ..metrics import MemorizationReport, QualityReport
+from ..metrics import CopyDetectionReport, MemorizationReport, QualityReport
+from ._report_reader import _copy_detection_from_dict, _interval, _memorization_from_dict, _ReportReader
 
-__all__ = ["REPORT_FILE_NAME", "REPORT_FORMAT_VERSION", "AuditReport"]
+__all__ = ["REPORT_FILE_NAME", "REPORT_FORMAT_VERSION", "AuditReport", "ProtocolReport"]
 
 # Version of the report.json layout written by AuditReport.to_json and read by AuditReport.from_json; raise it when
 # the layout changes, so that an old reader refuses a new file instead of misreading it.
@@ -24,6 +25,145 @@ REPORT_FILE_NAME = "report.json"
 # where the step count of the audit came from: the scheduler's recommendation for its solver, the default of the
 # pipeline's __call__, or the caller
 STEPS_SOURCES = ("scheduler", "pipeline", "user")
+# what the prompt-set protocol compares generations with: every training image, or each prompt's own references
+PROTOCOL_REFERENCES = ("training", "per_prompt")
+# the reference set of its 1/3 rule: the training images, or (without them) all reference images pooled
+NN_REFERENCES = ("training", "references")
+# how reports name the feature kinds of diffusers_hold.metrics.load_features
+FEATURE_NAMES = {"pca": "PCA", "dinov2": "DINOv2", "clip": "CLIP image", "sscd": "SSCD"}
+
+
+@dataclass
+class ProtocolReport:
+    """One variant of the prompt-set protocol: the generations made with one inference-time mitigation (or with
+    none), scored as the copy-detection papers score them, plus the 1/3 rule in the same feature space and in pixel
+    space.
+
+    :func:`~diffusers_hold.audit.audit_prompt_set` writes one per variant under ``protocol`` in ``report.json``,
+    keyed by the mitigation's name; every variant has the same prompts, seeds and references.
+
+    Attributes:
+        mitigation (`str`): ``"none"`` or the inference-time mitigation applied (one of
+            :data:`~diffusers_hold.audit.INFERENCE_MITIGATIONS`).
+        mitigation_settings (`dict`): its settings (guidance scale, schedule, thresholds, masked neurons, ...), with a
+            one-line ``description``.
+        features (`str`): the feature kind: ``"pca"``, ``"dinov2"``, ``"clip"`` or ``"sscd"``.
+        feature_extractor (`str`): the extractor as it describes itself: class, weights (file or folder name, or Hub
+            id) and input size.
+        references (`str`): ``"training"`` (each generation against every training image) or ``"per_prompt"``
+            (against its own prompt's reference images).
+        nn_reference (`str`): the reference set of both 1/3 rules: the ``"training"`` images, or, without training
+            images, all reference images pooled (``"references"``).
+        copy_detection (`CopyDetectionReport`): per-generation highest cosine similarity; per prompt the highest, the
+            top-k mean and the fraction of copies; overall their means with bootstrap intervals over prompts.
+        feature_memorization (`MemorizationReport`): the 1/3 rule on L2 distances between the feature vectors
+            (L2-normalised first when ``features_normalised``), with the held-out control when there were held-out
+            images.
+        features_normalised (`bool`): whether the features were L2-normalised before that rule (the cosine
+            extractors; the L2 distance of unit vectors, ``sqrt(2 - 2 cos)``, orders neighbours as the protocol's
+            cosine similarity does). PCA features are used as they are (L2).
+        memorization (`MemorizationReport`): the 1/3 rule in pixel space, as :func:`audit_pipeline` computes it.
+        images_per_prompt (`int`, *optional*): generations per prompt; `None` for an unconditional pipeline, whose
+            generations are each their own group (prompt id: the generation's index).
+        prompt_file (`str`, *optional*): the prompt file the prompts came from.
+        clip_model (`str`, *optional*): the CLIP model of the CLIP score; `None` when it was not measured.
+        clip_score (`torch.Tensor` of shape `(N,)`, *optional*): each generation's CLIP score with its prompt.
+        prompt_clip_score (`torch.Tensor` of shape `(P,)`, *optional*): its mean per prompt (float64), in the order of
+            ``copy_detection.prompts``.
+        clip_score_mean (`float`, *optional*): the mean over prompts of ``prompt_clip_score``.
+        clip_score_interval (`tuple[float, float]`, *optional*): its percentile-bootstrap interval over prompts (the
+            copy detection's level, number of resamples and seed).
+        timings (`dict[str, float]`): wall seconds per phase: ``generation_s``, ``features_s`` (the generations'
+            features), ``protocol_s`` (copy detection and both 1/3 rules), ``clip_score_s``, and in the first variant
+            ``reference_features_s`` (features of the reference, training and held-out images, computed once).
+    """
+
+    mitigation: str
+    mitigation_settings: dict[str, Any]
+    features: str
+    feature_extractor: str
+    references: str
+    nn_reference: str
+    copy_detection: CopyDetectionReport
+    feature_memorization: MemorizationReport
+    features_normalised: bool
+    memorization: MemorizationReport
+    images_per_prompt: int | None = None
+    prompt_file: str | None = None
+    clip_model: str | None = None
+    clip_score: torch.Tensor | None = None
+    prompt_clip_score: torch.Tensor | None = None
+    clip_score_mean: float | None = None
+    clip_score_interval: tuple[float, float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values for ``json.dump`` (per-sample values included), read back by :class:`AuditReport`."""
+        clip = None
+        if self.clip_model is not None:
+            clip = {
+                "model": self.clip_model,
+                "mean": self.clip_score_mean,
+                "interval": list(self.clip_score_interval),
+                "per_prompt": self.prompt_clip_score.tolist(),
+                "per_sample": self.clip_score.tolist(),
+            }
+        return {
+            "mitigation": self.mitigation,
+            "mitigation_settings": self.mitigation_settings,
+            "features": self.features,
+            "feature_extractor": self.feature_extractor,
+            "references": self.references,
+            "nn_reference": self.nn_reference,
+            "images_per_prompt": self.images_per_prompt,
+            "prompt_file": self.prompt_file,
+            "features_normalised": self.features_normalised,
+            "copy_detection": self.copy_detection.to_dict(per_sample=True),
+            "feature_memorization": self.feature_memorization.to_dict(per_sample=True),
+            "memorization": self.memorization.to_dict(per_sample=True),
+            "clip_score": clip,
+            "timings": dict(self.timings),
+        }
+
+    @classmethod
+    def _read(cls, reader: _ReportReader, key: str) -> ProtocolReport:
+        """The section at the dotted ``key`` of a parsed ``report.json``, every value checked."""
+        copy = _copy_detection_from_dict(reader, f"{key}.copy_detection")
+        clip: dict[str, Any] = {}
+        if reader.read(f"{key}.clip_score", "dict?") is not None:
+            per_sample = reader.list_of_length(
+                f"{key}.clip_score.per_sample", "list[number]", f"{key}.copy_detection.num_generated"
+            )
+            per_prompt = reader.list_of_length(
+                f"{key}.clip_score.per_prompt", "list[number]", f"{key}.copy_detection.num_prompts"
+            )
+            clip = {
+                "clip_model": reader.read(f"{key}.clip_score.model", "str"),
+                "clip_score": torch.tensor(per_sample, dtype=torch.float32),
+                "prompt_clip_score": torch.tensor(per_prompt, dtype=torch.float64),
+                "clip_score_mean": float(reader.read(f"{key}.clip_score.mean", "number")),
+                "clip_score_interval": _interval(reader, f"{key}.clip_score.interval"),
+            }
+        timings = reader.read(f"{key}.timings", "dict")
+        for name in timings:
+            reader.read(f"{key}.timings.{name}", "number")
+        images_per_prompt = reader.read(f"{key}.images_per_prompt", "int?")
+        return cls(
+            mitigation=reader.read(f"{key}.mitigation", "str"),
+            mitigation_settings=reader.read(f"{key}.mitigation_settings", "dict"),
+            features=reader.one_of(f"{key}.features", ("pca", "dinov2", "clip", "sscd")),
+            feature_extractor=reader.read(f"{key}.feature_extractor", "str"),
+            references=reader.one_of(f"{key}.references", PROTOCOL_REFERENCES),
+            nn_reference=reader.one_of(f"{key}.nn_reference", NN_REFERENCES),
+            copy_detection=copy,
+            feature_memorization=_memorization_from_dict(reader, f"{key}.feature_memorization"),
+            features_normalised=reader.read(f"{key}.features_normalised", "bool"),
+            memorization=_memorization_from_dict(reader, f"{key}.memorization"),
+            images_per_prompt=images_per_prompt,
+            prompt_file=reader.read(f"{key}.prompt_file", "str?"),
+            timings={name: float(value) for name, value in timings.items()},
+            **clip,
+        )
 
 
 @dataclass
@@ -46,6 +186,11 @@ class AuditReport:
             ``default_num_inference_steps`` (what the audit would use by default; `None` if nothing states one),
             ``scheduler`` (class name) and ``scheduler_config`` (its public config).
         files (`dict[str, str]`): the files written, by kind.
+        protocol (`dict[str, ProtocolReport]`, *optional*): the prompt-set protocol of
+            :func:`~diffusers_hold.audit.audit_prompt_set`, one section per inference-time mitigation (``"none"``:
+            without), in the order they ran; `None` for an audit without it (then ``report.json`` has no
+            ``protocol`` key, as before). With it, ``memorization``, ``quality`` and ``prompts`` describe the first
+            variant.
     """
 
     memorization: MemorizationReport
@@ -54,10 +199,12 @@ class AuditReport:
     prompts: list[str] | None
     settings: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    protocol: dict[str, ProtocolReport] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values for ``json.dump`` (per-sample memorization values included)."""
-        return {
+        """Plain Python values for ``json.dump`` (per-sample memorization values included; the ``protocol`` key only
+        when the prompt-set protocol ran)."""
+        out = {
             "format_version": REPORT_FORMAT_VERSION,
             "pipeline_class": self.pipeline_class,
             "settings": self.settings,
@@ -66,13 +213,16 @@ class AuditReport:
             "prompts": self.prompts,
             "files": self.files,
         }
+        if self.protocol is not None:
+            out["protocol"] = {name: section.to_dict() for name, section in self.protocol.items()}
+        return out
 
     def to_markdown(self) -> str:
         """The summary as Markdown (a model card section)."""
         mem = self.memorization
         lines = [
             f"Audit of `{self.pipeline_class}`: {mem.num_generated} generations (seed {self.settings['seed']}) "
-            f"against {mem.num_train} training images.",
+            f"against {mem.num_train} {self._nn_reference_noun()}.",
             "",
             f"Sampler: {self._sampler_description()}.",
             "",
@@ -97,14 +247,96 @@ class AuditReport:
         lines += [
             "",
             f"Memorization: the 1/3 rule on L2 distances in pixel space ({shape} images, values in [0, 1]), each "
-            "generation against its nearest and second-nearest training images.",
+            f"generation against its nearest and second-nearest {self._nn_reference_noun()}.",
         ]
         if quality is not None:
             lines[-1] += (
                 f" Quality: in the {quality.feature_dim} features of `{quality.feature_extractor}`, fitted on the "
                 f"{quality.num_held_out} held-out images."
             )
+        if self.protocol:
+            lines += ["", *self._protocol_markdown()]
         return "\n".join(lines)
+
+    def _nn_reference_noun(self) -> str:
+        """What the 1/3 rule compared with: training images, or the reference images pooled (protocol without any
+        training images)."""
+        if self.protocol and next(iter(self.protocol.values())).nn_reference == "references":
+            return "reference images (all prompts' pooled; no training images given)"
+        return "training images"
+
+    def _protocol_markdown(self) -> list[str]:
+        """The prompt-set protocol's section: its setting, then the variants side by side."""
+        variants = list(self.protocol.values())
+        first = variants[0]
+        copy = first.copy_detection
+        kind = FEATURE_NAMES[first.features]
+        level = f"{100 * copy.confidence:g}%"
+        if first.images_per_prompt is None:
+            groups = f"{copy.num_generated} generations (unconditional: each generation is its own prompt group)"
+        else:
+            groups = f"{len(copy.prompts)} prompts x {first.images_per_prompt} images"
+        if first.references == "training":
+            against = f"every training image ({copy.num_references})"
+        else:
+            against = f"its own prompt's reference images ({copy.num_references} in all)"
+        lines = [
+            "### Prompt-set protocol",
+            "",
+            f"{groups}, the same seeds for every variant, each generation compared with {against} by cosine "
+            f"similarity in **{kind}** features (`{first.feature_extractor}`); a copy is a similarity > "
+            f"{copy.threshold:g}. Intervals: {level} percentile bootstrap over prompts ({copy.n_bootstrap} "
+            "resamples, the same for every variant).",
+            "",
+            "| metric | " + " | ".join(f"`{v.mitigation}`" for v in variants) + " |",
+            "|---" * (len(variants) + 1) + "|",
+        ]
+
+        def row(label: str, cell) -> str:
+            return f"| {label} | " + " | ".join(cell(v) for v in variants) + " |"
+
+        def with_interval(value: float | None, interval: tuple[float, float] | None, digits: int = 4) -> str:
+            if value is None:
+                return "-"
+            return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+        def percent(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1%}"
+
+        for label, name in (
+            ("mean of per-prompt max similarity", "mean_max_similarity"),
+            (f"mean of per-prompt top-{copy.top_k} mean", "mean_top_k"),
+            (f"fraction of generations > {copy.threshold:g} (copies)", "fraction_copied"),
+        ):
+            reports = [v.copy_detection for v in variants]
+            cells = [with_interval(getattr(r, name), getattr(r, f"{name}_interval")) for r in reports]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(v.clip_model is not None for v in variants):
+            model = next(v.clip_model for v in variants if v.clip_model is not None)
+            lines.append(
+                row(
+                    f"CLIP score (`{model}`)",
+                    lambda v: with_interval(v.clip_score_mean, v.clip_score_interval, digits=2),
+                )
+            )
+        lines.append(row(f"1/3 rule in {kind} features", lambda v: percent(v.feature_memorization.fraction_memorized)))
+        if first.feature_memorization.held_out_fraction is not None:
+            lines.append(
+                row(
+                    "same, held-out real images (control)", lambda v: percent(v.feature_memorization.held_out_fraction)
+                )
+            )
+        lines.append(row("1/3 rule in pixel space", lambda v: percent(v.memorization.fraction_memorized)))
+        vectors = "L2-normalised feature vectors" if first.features_normalised else "feature vectors as they are"
+        lines += [
+            "",
+            f"The 1/3 rule in {kind} features is the pixel-space rule applied to the {vectors} (L2 distances; each "
+            f"generation against its nearest and second-nearest {self._nn_reference_noun()}).",
+        ]
+        described = [v for v in variants if v.mitigation_settings.get("description")]
+        if described:
+            lines += ["", *(f"- `{v.mitigation}`: {v.mitigation_settings['description']}" for v in described)]
+        return lines
 
     def _sampler_description(self) -> str:
         settings = self.settings
@@ -139,6 +371,26 @@ class AuditReport:
         if self.quality is not None:
             value = self.quality.frechet_distance
             metrics.append({"name": "Frechet distance (PCA)", "type": "frechet_distance", "value": value})
+        if self.protocol:
+            # the unmitigated variant when there is one: the model as it is
+            section = self.protocol.get("none") or next(iter(self.protocol.values()))
+            copy = section.copy_detection
+            where = f"{FEATURE_NAMES[section.features]}, mitigation {section.mitigation}"
+            metrics += [
+                {
+                    "name": f"fraction of copies (cosine > {copy.threshold:g}, {where})",
+                    "type": "copy_fraction",
+                    "value": copy.fraction_copied,
+                },
+                {
+                    "name": f"mean of per-prompt max similarity ({where})",
+                    "type": "mean_max_similarity",
+                    "value": copy.mean_max_similarity,
+                },
+            ]
+            if section.clip_score_mean is not None:
+                name = f"CLIP score ({section.clip_model}, mitigation {section.mitigation})"
+                metrics.append({"name": name, "type": "clip_score", "value": section.clip_score_mean})
         return metrics
 
     def to_json(self) -> str:
@@ -191,6 +443,7 @@ class AuditReport:
         memorization = _memorization_from_dict(reader)
         if prompts is not None:
             reader.list_of_length("prompts", "list[str]", "memorization.num_generated")
+        protocol = _protocol_from_dict(reader, memorization.num_generated)
         quality = None
         if reader.read("quality", "dict?") is not None:
             reader.one_of("quality.metric", ("quality",))
@@ -209,6 +462,7 @@ class AuditReport:
             prompts=prompts,
             settings=settings,
             files=files,
+            protocol=protocol,
         )
 
     @classmethod
@@ -249,101 +503,24 @@ class AuditReport:
         return cls.from_json(text, source=f"The audit report {path}")
 
 
-# JSON value kinds of report.json: name -> (test, description in messages); "list[kind]" and "kind?" (or null) build
-# on them
-_KINDS = {
-    "int": (is_integer, "an integer"),
-    "number": (is_real_number, "a number"),
-    "bool": (lambda value: isinstance(value, bool), "true or false"),
-    "str": (lambda value: isinstance(value, str), "a string"),
-    "dict": (lambda value: isinstance(value, dict), "an object"),
-}
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
-    names[dict] = "an object"
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-class _ReportReader:
-    """Typed access to the keys of a parsed ``report.json``; every failure is a `ValueError` naming the report, the
-    dotted key and the problem."""
-
-    def __init__(self, data: Any, source: str):
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object, not {_json_type(data)}.")
-        self.data, self.source = data, source
-
-    def read(self, key: str, kind: str) -> Any:
-        value = self.data
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            parent = ".".join(parts[:depth])
-            if not isinstance(value, dict):
-                raise ValueError(f"{self.source}: `{parent}` must be an object, got {_json_type(value)}.")
-            if part not in value:
-                raise ValueError(f"{self.source} has no `{key}`.")
-            value = value[part]
-        optional = kind.endswith("?")
-        kind = kind.rstrip("?")
-        if value is None and optional:
-            return None
-        if kind.startswith("list["):
-            test, description = _KINDS[kind[5:-1]]
-            if not isinstance(value, list):
-                raise ValueError(f"{self.source}: `{key}` must be a list, got {_json_type(value)}.")
-            for index, item in enumerate(value):
-                if not test(item):
-                    raise ValueError(
-                        f"{self.source}: item {index} of `{key}` must be {description}, got {_json_type(item)}."
-                    )
-            return value
-        test, description = _KINDS[kind]
-        if not test(value):
-            raise ValueError(f"{self.source}: `{key}` must be {description}, got {_json_type(value)} ({value!r:.60}).")
-        return value
-
-    def one_of(self, key: str, allowed: tuple[str, ...]) -> str:
-        value = self.read(key, "str")
-        if value not in allowed:
-            raise ValueError(f"{self.source}: `{key}` is {value!r}; expected one of {', '.join(allowed)}.")
-        return value
-
-    def list_of_length(self, key: str, kind: str, count_key: str) -> list:
-        """The list at `key` (of `kind`), which must have as many items as the integer at `count_key` says."""
-        values, count = self.read(key, kind), self.read(count_key, "int")
-        if len(values) != count:
-            raise ValueError(f"{self.source}: `{key}` has {len(values)} values but `{count_key}` is {count}.")
-        return values
-
-
-def _memorization_from_dict(reader: _ReportReader) -> MemorizationReport:
-    """The :class:`MemorizationReport` of ``MemorizationReport.to_dict(per_sample=True)`` under ``memorization``."""
-    reader.one_of("memorization.metric", ("nn_ratio",))
-    # the dtypes nn_ratio_memorization computes them in
-    per_sample = {}
-    for name, kind, dtype in (
-        ("d1", "list[number]", torch.float32),
-        ("d2", "list[number]", torch.float32),
-        ("ratio", "list[number]", torch.float32),
-        ("nearest_index", "list[int]", torch.long),
-        ("memorized", "list[bool]", torch.bool),
-    ):
-        values = reader.list_of_length(f"memorization.per_sample.{name}", kind, "memorization.num_generated")
-        per_sample[name] = torch.tensor(values, dtype=dtype)
-    held_out_ratio = None
-    if reader.read("memorization.held_out_ratio", "list[number]?") is not None:
-        values = reader.list_of_length("memorization.held_out_ratio", "list[number]", "memorization.num_held_out")
-        held_out_ratio = torch.tensor(values, dtype=torch.float32)
-    return MemorizationReport(
-        **per_sample,
-        threshold=float(reader.read("memorization.threshold", "number")),
-        squared=reader.read("memorization.squared", "bool"),
-        fraction_memorized=float(reader.read("memorization.fraction_memorized", "number")),
-        distinct_copied=reader.read("memorization.distinct_copied", "int"),
-        copied_indices=torch.tensor(reader.read("memorization.copied_indices", "list[int]"), dtype=torch.long),
-        num_train=reader.read("memorization.num_train", "int"),
-        held_out_ratio=held_out_ratio,
-        held_out_fraction=reader.read("memorization.held_out_fraction", "number?"),
-    )
+def _protocol_from_dict(reader: _ReportReader, num_generated: int) -> dict[str, ProtocolReport] | None:
+    """The ``protocol`` sections, or `None` for a report without the protocol (a key absent or null)."""
+    if reader.data.get("protocol") is None:
+        return None
+    sections = reader.read("protocol", "dict")
+    if not sections:
+        raise ValueError(f"{reader.source}: `protocol` is empty; it holds one section per variant.")
+    protocol = {}
+    for name in sections:
+        if "." in name:
+            raise ValueError(f"{reader.source}: `protocol` has a section named {name!r}; names have no dots.")
+        section = ProtocolReport._read(reader, f"protocol.{name}")
+        if section.mitigation != name:
+            raise ValueError(f"{reader.source}: `protocol.{name}.mitigation` is {section.mitigation!r}, not {name!r}.")
+        if section.copy_detection.num_generated != num_generated:
+            raise ValueError(
+                f"{reader.source}: `protocol.{name}` scores {section.copy_detection.num_generated} generations but "
+                f"`memorization.num_generated` is {num_generated}."
+            )
+        protocol[name] = section
+    return protocol

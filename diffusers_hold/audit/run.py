@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,8 @@ def generate_images(
     batch_size: int = 8,
     num_inference_steps: int | None = None,
     seed: int = 0,
+    guidance_scale: float | None = None,
+    before_batch: Callable[[list[str] | None], None] | None = None,
 ) -> tuple[torch.Tensor, list[str] | None]:
     """Generate ``num_samples`` images in ``[0, 1]`` `(N, C, H, W)` with a progress bar over batches.
 
@@ -111,6 +114,10 @@ def generate_images(
         num_inference_steps (`int`, *optional*): sampling steps; by default those of
             :func:`default_num_inference_steps` (the scheduler's recommendation, else the pipeline's default).
         seed (`int`, defaults to 0): batch ``b`` uses a generator seeded ``seed + b``.
+        guidance_scale (`float`, *optional*): passed to the pipeline when given (text-to-image pipelines); otherwise
+            the pipeline uses its default.
+        before_batch (`Callable`, *optional*): called with each batch's prompts (`None` for an unconditional
+            pipeline) before the pipeline call that generates it (e.g. to set per-prompt masks).
 
     Returns:
         `tuple`: the images and the prompt of each (or `None`).
@@ -129,11 +136,17 @@ def generate_images(
         count = min(batch_size, num_samples - start)
         generator = torch.Generator().manual_seed(seed + batch)
         kwargs = {"num_inference_steps": num_inference_steps, "generator": generator, "output_type": "np"}
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
         if text:
             batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(count)]
             used_prompts += batch_prompts
+            if before_batch is not None:
+                before_batch(batch_prompts)
             output = pipeline(batch_prompts, **kwargs)
         else:
+            if before_batch is not None:
+                before_batch(None)
             output = pipeline(batch_size=count, **kwargs)
         array = np.asarray(output.images, dtype=np.float32)
         if not np.isfinite(array).all():
