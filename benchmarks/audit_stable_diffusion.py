@@ -40,24 +40,15 @@ import time
 from pathlib import Path
 
 import torch
+from bench_scheduler_overhead import SD15_UNET_CONFIG
 from torch import nn
 
 from diffusers_hold.audit import INFERENCE_MITIGATIONS, audit_prompt_set, read_prompt_file
 from diffusers_hold.audit.variants import prepare_variants, resolve_guidance_scale
 
-# Stable Diffusion 1.5's configs (runwayml/stable-diffusion-v1-5), for a pipeline of its size with random weights
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
+# Stable Diffusion 1.5's configs (runwayml/stable-diffusion-v1-5), for a pipeline of its size with random weights;
+# the UNet's is bench_scheduler_overhead's (its other arguments, norm_num_groups=32 among them, diffusers' defaults)
+SD15_UNET = SD15_UNET_CONFIG
 SD15_VAE = dict(
     in_channels=3,
     out_channels=3,

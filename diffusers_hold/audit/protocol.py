@@ -65,6 +65,7 @@ from .variants import MitigationVariant, check_mitigation_names, prepare_variant
 __all__ = ["DEFAULT_IMAGES_PER_PROMPT", "audit_prompt_set"]
 
 DEFAULT_IMAGES_PER_PROMPT = 4
+_COPY_SETTINGS = ("threshold", "top_k", "n_bootstrap", "seed", "confidence")  # _Scoring's fields for copy_detection
 
 
 @dataclass
@@ -77,6 +78,22 @@ class _References:
     kind: str  # "training" or "per_prompt"
     nn_images: torch.Tensor
     nn_kind: str  # "training" or "references"
+
+
+@dataclass
+class _Generation:
+    """What every variant generates: ``num_generated`` images, ``expanded`` holding each prompt once per image (for a
+    text-to-image pipeline), with the same guidance scale, sampler and seeds; ``shape`` is one image's."""
+
+    text: bool
+    prompt_set: PromptSet | None
+    num_generated: int
+    images_per_prompt: int
+    expanded: list[str] | None
+    guidance_scale: float | None = None
+    sampler: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None  # batch_size, num_inference_steps, seed: generate_images' keyword arguments
+    shape: torch.Size | None = None
 
 
 @dataclass
@@ -186,85 +203,111 @@ def audit_prompt_set(
     """
     output_dir = check_output_dir(output_dir)
     _check_settings(features, copy_threshold, top_k, n_bootstrap, confidence, seed, batch_size)
-    text = is_text_conditional(pipeline)
-    prompt_set, num_generated, k = _plan(pipeline, text, prompts, reference_dir, images_per_prompt, num_samples)
-    if clip_model_path is not None and not text:
-        raise ValueError("The CLIP score compares images with their prompts; an unconditional pipeline has none.")
-    guidance_scale = resolve_guidance_scale(pipeline, guidance_scale)
-    expanded = None if prompt_set is None else [p for p in prompt_set.prompts for _ in range(k)]
-    sampler = _sampler_settings(pipeline, num_inference_steps)
-    generation = {"batch_size": batch_size, "num_inference_steps": sampler["num_inference_steps"], "seed": seed}
+    plan = _plan_generation(pipeline, prompts, reference_dir, images_per_prompt, num_samples, clip_model_path)
+    plan.guidance_scale = resolve_guidance_scale(pipeline, guidance_scale)
+    sampler = plan.sampler = _sampler_settings(pipeline, num_inference_steps)
+    plan.settings = {"batch_size": batch_size, "num_inference_steps": sampler["num_inference_steps"], "seed": seed}
     check_mitigation_names(mitigations)
     scoring = _scoring(features, features_path, feature_kwargs, held_out_images, device)
-    shape = _image_shape(pipeline, train_images, held_out_images, expanded, guidance_scale, seed)  # may probe
-    references = scoring.references = _references(prompt_set, train_images, shape)
-    if quality and held_out_images is not None:
-        check_quality_sizes(
-            num_generated, len(references.nn_images), len(held_out_images), shape.numel(), n_components=PCA_COMPONENTS
-        )
-    variants = prepare_variants(
-        pipeline,
-        list(mitigations),
-        prompts=None if prompt_set is None else prompt_set.prompts,
-        guidance_scale=guidance_scale,
-        index_images=references.nn_images,
-        index_source="training images" if references.nn_kind == "training" else "reference images",
-        nemo_reference_prompts=nemo_reference_prompts,
-        nemo_z_threshold=nemo_z_threshold,
-    )
     scoring.threshold, scoring.top_k, scoring.seed = copy_threshold, top_k, seed
     scoring.n_bootstrap, scoring.confidence = n_bootstrap, confidence
-    scoring.images_per_prompt = k if text else None
-    scoring.prompt_file = None if prompt_set is None else prompt_set.source
+    scoring.images_per_prompt = plan.images_per_prompt if plan.text else None
+    scoring.prompt_file = None if plan.prompt_set is None else plan.prompt_set.source
+    plan.shape = _image_shape(pipeline, train_images, held_out_images, plan.expanded, plan.guidance_scale, seed)
+    references = scoring.references = _references(plan.prompt_set, train_images, plan.shape)
+    held_out_quality = held_out_images if quality else None
+    if held_out_quality is not None:
+        sizes = (plan.num_generated, len(references.nn_images), len(held_out_quality), plan.shape.numel())
+        check_quality_sizes(*sizes, n_components=PCA_COMPONENTS)
+    variants = _variants(pipeline, mitigations, plan, references, nemo_reference_prompts, nemo_z_threshold)
     if clip_model_path is not None:
         scoring.clip_model_path = os.fspath(clip_model_path)
         clip_score(torch.full((1, 3, 8, 8), 0.5), ["a"], scoring.clip_model_path, device=device)  # loads, or says why
     reference_seconds = _reference_features(scoring)
+    sections, first_images, first_prompts = _audit_variants(
+        pipeline, variants, plan, scoring, reference_seconds, output_dir, num_copies_shown
+    )
+    report = _report(pipeline, plan, sections, first_prompts, first_images, references.nn_images, held_out_quality)
+    _write_files(report, output_dir, first_images, references.nn_images, num_copies_shown)
+    return report
 
+
+def _plan_generation(pipeline, prompts, reference_dir, images_per_prompt, num_samples, clip_model_path) -> _Generation:
+    """What each variant generates (the same for all): the prompt set, the number of images and the prompts repeated
+    per image; the caller adds the guidance scale and the sampler's settings."""
+    text = is_text_conditional(pipeline)
+    prompt_set, num_generated, k = _plan(pipeline, text, prompts, reference_dir, images_per_prompt, num_samples)
+    if clip_model_path is not None and not text:
+        raise ValueError("The CLIP score compares images with their prompts; an unconditional pipeline has none.")
+    expanded = None if prompt_set is None else [p for p in prompt_set.prompts for _ in range(k)]
+    return _Generation(text, prompt_set, num_generated, k, expanded)
+
+
+def _variants(pipeline, mitigations, plan: _Generation, references: _References, nemo_prompts, nemo_z_threshold):
+    """The mitigation variants, prepared (and checked to apply) before any generation."""
+    return prepare_variants(
+        pipeline,
+        list(mitigations),
+        prompts=None if plan.prompt_set is None else plan.prompt_set.prompts,
+        guidance_scale=plan.guidance_scale,
+        index_images=references.nn_images,
+        index_source="training images" if references.nn_kind == "training" else "reference images",
+        nemo_reference_prompts=nemo_prompts,
+        nemo_z_threshold=nemo_z_threshold,
+    )
+
+
+def _generate(pipeline, variant: MitigationVariant, plan: _Generation) -> tuple[torch.Tensor, list | None, float]:
+    """One variant's generations (same prompts and seeds for every variant), their prompts and their seconds."""
+    started = time.perf_counter()
+    with variant.context():
+        generated, used = generate_images(
+            pipeline,
+            plan.num_generated,
+            prompts=plan.expanded,
+            guidance_scale=plan.guidance_scale,
+            before_batch=variant.before_batch,
+            **plan.settings,
+        )
+    seconds = time.perf_counter() - started
+    if generated.shape[1:] != plan.shape:
+        raise ValueError(
+            f"Generated images have shape {tuple(generated.shape[1:])} but the training (or held-out) images "
+            f"{tuple(plan.shape)}; load the data at the generations' size and channels."
+        )
+    return generated, used, seconds
+
+
+def _audit_variants(pipeline, variants, plan: _Generation, scoring: _Scoring, reference_seconds, output_dir, count):
+    """Generate and score every variant, writing its ``copies_<variant>.png``; the sections by variant name, and the
+    first variant's generations and prompts."""
     sections: dict[str, ProtocolReport] = {}
     for variant in variants:
-        started = time.perf_counter()
-        with variant.context():
-            generated, used = generate_images(
-                pipeline,
-                num_generated,
-                prompts=expanded,
-                guidance_scale=guidance_scale,
-                before_batch=variant.before_batch,
-                **generation,
-            )
-        seconds = time.perf_counter() - started
-        if generated.shape[1:] != shape:
-            raise ValueError(
-                f"Generated images have shape {tuple(generated.shape[1:])} but the training (or held-out) images "
-                f"{tuple(shape)}; load the data at the generations' size and channels."
-            )
-        section = _score(variant, generated, used if text else list(range(num_generated)), scoring)
+        generated, used, seconds = _generate(pipeline, variant, plan)
+        section = _score(variant, generated, used if plan.text else list(range(plan.num_generated)), scoring)
         section.timings = {"generation_s": seconds, **section.timings}
         if not sections:
             first_images, first_prompts = generated, used
             section.timings["reference_features_s"] = reference_seconds
         sections[variant.name] = section
-        _write_protocol_copies(
-            output_dir / f"copies_{variant.name}.png", generated, scoring, section, num_copies_shown
-        )
+        _write_protocol_copies(output_dir / f"copies_{variant.name}.png", generated, scoring, section, count)
+    return sections, first_images, first_prompts
 
-    first = next(iter(sections.values()))
+
+def _report(pipeline, plan: _Generation, sections, prompts, generated, nn_images, held_out) -> AuditReport:
+    """The report of all variants: the first variant's pixel-space 1/3 rule, and its quality against ``held_out``
+    (when given)."""
     scores = None
-    if quality and held_out_images is not None:
-        scores = quality_report(
-            first_images, references.nn_images, held_out_images, n_components=PCA_COMPONENTS, progress=True
-        )
-    report = AuditReport(
-        memorization=first.memorization,
+    if held_out is not None:
+        scores = quality_report(generated, nn_images, held_out, n_components=PCA_COMPONENTS, progress=True)
+    return AuditReport(
+        memorization=next(iter(sections.values())).memorization,
         quality=scores,
         pipeline_class=type(pipeline).__name__,
-        prompts=first_prompts,
-        settings={"num_samples": num_generated, **generation, "image_shape": list(shape), **sampler},
+        prompts=prompts,
+        settings={"num_samples": plan.num_generated, **plan.settings, "image_shape": list(plan.shape), **plan.sampler},
         protocol=sections,
     )
-    _write_files(report, output_dir, first_images, references.nn_images, num_copies_shown)
-    return report
 
 
 def _check_settings(features, copy_threshold, top_k, n_bootstrap, confidence, seed, batch_size) -> None:
@@ -399,13 +442,9 @@ def _score(variant: MitigationVariant, generated: torch.Tensor, ids: list, scori
         scoring.copy_features,
         ids,
         reference_prompt_ids=refs.copy_prompt_ids,
-        threshold=scoring.threshold,
-        top_k=scoring.top_k,
-        n_bootstrap=scoring.n_bootstrap,
-        seed=scoring.seed,
-        confidence=scoring.confidence,
         features=scoring.label,
         device=scoring.device,
+        **{name: getattr(scoring, name) for name in _COPY_SETTINGS},
     )
     feature_memorization = nn_ratio_memorization(
         _flat(features, scoring.normalise),

@@ -346,48 +346,19 @@ def copy_detection(
     Returns:
         [`CopyDetectionReport`]: per-generation scores, per-prompt statistics and the overall numbers with intervals.
     """
-    if not (is_real_number(threshold) and -1.0 <= threshold <= 1.0):
-        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold!r}.")
-    check_positive_int(top_k, "top_k")
-    check_positive_int(n_bootstrap, "n_bootstrap")
-    if not (is_integer(seed) and seed >= 0):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    if not (is_real_number(confidence) and 0.0 < confidence < 1.0):
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
-    if not isinstance(features, str):
-        raise ValueError(f"features must be a string naming the feature extractor, got {type(features).__name__}.")
+    _check_settings(threshold, top_k, n_bootstrap, seed, confidence, features)
     generated = _as_rows(generated_features, "generated_features")
     references = _as_rows(reference_features, "reference_features")
     _check_dims(generated, "generated_features", references, "reference_features")
-
-    ids = _prompt_list(prompt_ids, "prompt_ids", generated.shape[0])
-    position: dict[Hashable, int] = {}
-    for value in ids:
-        position.setdefault(value, len(position))
-    prompts = list(position)
-    generated_prompt = torch.tensor([position[value] for value in ids], dtype=torch.int64)
-    reference_prompt = None
-    if reference_prompt_ids is not None:
-        reference_ids = _prompt_list(reference_prompt_ids, "reference_prompt_ids", references.shape[0])
-        reference_prompt = torch.tensor([position.get(value, -1) for value in reference_ids], dtype=torch.int64)
-        covered = set(reference_prompt.tolist())
-        missing = [prompt for p, prompt in enumerate(prompts) if p not in covered]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} prompts have generations but no reference image in reference_prompt_ids, e.g. "
-                f"{missing[0]!r}."
-            )
+    prompts, generated_prompt, reference_prompt = _prompt_indices(
+        prompt_ids, reference_prompt_ids, generated, references
+    )
 
     device = _resolve_device(device, generated, references)
     max_similarity, nearest = _max_similarity(generated, references, generated_prompt, reference_prompt, device)
     copied = max_similarity > threshold
-
-    counts = torch.bincount(generated_prompt, minlength=len(prompts))
-    order = torch.argsort(generated_prompt, stable=True)
-    groups = torch.split(max_similarity[order].double(), counts.tolist())
-    prompt_max = torch.stack([group.max() for group in groups])
-    prompt_top_k = torch.stack([group.topk(min(top_k, group.numel())).values.mean() for group in groups])
-    prompt_copies = torch.bincount(generated_prompt[copied], minlength=len(prompts)).double()
+    per_prompt = _per_prompt(max_similarity, copied, generated_prompt, len(prompts), top_k)
+    counts, prompt_max, prompt_top_k, prompt_copies = per_prompt
 
     intervals = _bootstrap(
         {"max": prompt_max.numpy(), "top_k": prompt_top_k.numpy()},
@@ -422,3 +393,56 @@ def copy_detection(
         per_prompt_references=reference_prompt is not None,
         num_references=int(references.shape[0]),
     )
+
+
+def _check_settings(threshold, top_k, n_bootstrap, seed, confidence, features) -> None:
+    """:func:`copy_detection`'s settings, checked before any work."""
+    if not (is_real_number(threshold) and -1.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold!r}.")
+    check_positive_int(top_k, "top_k")
+    check_positive_int(n_bootstrap, "n_bootstrap")
+    if not (is_integer(seed) and seed >= 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    if not (is_real_number(confidence) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
+    if not isinstance(features, str):
+        raise ValueError(f"features must be a string naming the feature extractor, got {type(features).__name__}.")
+
+
+def _prompt_indices(
+    prompt_ids: Any, reference_prompt_ids: Any, generated: torch.Tensor, references: torch.Tensor
+) -> tuple[list[Hashable], torch.Tensor, torch.Tensor | None]:
+    """The distinct prompts (in order of first appearance), each generation's position among them and each
+    reference's (``-1`` for a prompt without generations; `None` without ``reference_prompt_ids``)."""
+    ids = _prompt_list(prompt_ids, "prompt_ids", generated.shape[0])
+    position: dict[Hashable, int] = {}
+    for value in ids:
+        position.setdefault(value, len(position))
+    prompts = list(position)
+    generated_prompt = torch.tensor([position[value] for value in ids], dtype=torch.int64)
+    if reference_prompt_ids is None:
+        return prompts, generated_prompt, None
+    reference_ids = _prompt_list(reference_prompt_ids, "reference_prompt_ids", references.shape[0])
+    reference_prompt = torch.tensor([position.get(value, -1) for value in reference_ids], dtype=torch.int64)
+    covered = set(reference_prompt.tolist())
+    missing = [prompt for p, prompt in enumerate(prompts) if p not in covered]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} prompts have generations but no reference image in reference_prompt_ids, e.g. "
+            f"{missing[0]!r}."
+        )
+    return prompts, generated_prompt, reference_prompt
+
+
+def _per_prompt(
+    max_similarity: torch.Tensor, copied: torch.Tensor, generated_prompt: torch.Tensor, num_prompts: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt: the number of generations, the highest similarity, the mean of the ``top_k`` highest (float64)
+    and the number of copies (float64)."""
+    counts = torch.bincount(generated_prompt, minlength=num_prompts)
+    order = torch.argsort(generated_prompt, stable=True)
+    groups = torch.split(max_similarity[order].double(), counts.tolist())
+    prompt_max = torch.stack([group.max() for group in groups])
+    prompt_top_k = torch.stack([group.topk(min(top_k, group.numel())).values.mean() for group in groups])
+    prompt_copies = torch.bincount(generated_prompt[copied], minlength=num_prompts).double()
+    return counts, prompt_max, prompt_top_k, prompt_copies

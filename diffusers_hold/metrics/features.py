@@ -12,6 +12,12 @@ Every extractor here is a callable from images, a float tensor ``(N, C, H, W)`` 
 - :func:`load_features`: one of these, or a PCA fitted on given images, by name.
 - :func:`clip_score`: text alignment of images with their prompts (CLIPScore, as torchmetrics defines it).
 
+Every extractor is built from its model and these keyword arguments: ``image_size`` (`int`: the side the images are
+resized to; each class states its default, and CLIP's comes from the model), ``batch_size`` (`int`, defaults to 64:
+images per forward pass), ``device`` (`str` or `torch.device`, *optional*: where the model runs; defaults to CUDA when
+available, else the CPU), ``progress`` (`bool`, defaults to `False`: show a tqdm progress bar) and ``source``
+(`str`: where the weights came from, for reports; each class states its default).
+
 Weights are never downloaded: models come from a local folder or from a Hub id already in the local cache
 (``local_files_only=True``). Preprocessing (resize, centre crop, normalisation) is done with torch operations on the
 extractor's device and is stated in each class's docstring.
@@ -155,40 +161,59 @@ class _Preprocess:
         return (x - self.mean) / self.std
 
 
+def _model_type(model: torch.nn.Module) -> str | None:
+    """The ``model_type`` of a ``transformers`` model's config (`None` for another module)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the model's first parameter (float32 for a model without any)."""
     return next(iter(model.parameters()), torch.empty(0)).dtype
 
 
 class _ImageFeatures:
-    """Shared machinery: validation, preprocessing, batching, device placement and the progress bar.
+    """Shared machinery: the constructor (its keyword arguments are the module docstring's), validation,
+    preprocessing, batching, device placement and the progress bar.
 
-    Subclasses set ``_interpolation`` and ``_crop`` and implement :meth:`_embed` on preprocessed pixels.
+    Subclasses set the preprocessing (``_mean``, ``_std``, ``_interpolation``, ``_crop``) and the defaults
+    (``_image_size``, ``_source``), may check the model (:meth:`_check_model`) or take the input size from it
+    (:meth:`_input_size`), and implement :meth:`_embed` on preprocessed pixels.
     """
 
     metric: Literal["cosine", "l2"] = "cosine"
+    _mean = IMAGENET_MEAN
+    _std = IMAGENET_STD
     _interpolation = "bicubic"
     _crop = True
+    _image_size: int | None = None
+    _source = ""
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
-        image_size: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        batch_size: int,
-        device: str | torch.device | None,
-        progress: bool,
-        source: str,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        source: str | None = None,
     ):
+        self._check_model(model)
+        image_size = self._input_size(model, image_size)
         check_positive_int(batch_size, "batch_size")
         self.device = _default_device(device)
-        self._preprocess = _Preprocess(image_size, mean, std, self._interpolation, self._crop, self.device)
+        self._preprocess = _Preprocess(image_size, self._mean, self._std, self._interpolation, self._crop, self.device)
         self.model = model.eval().to(self.device)
         self.batch_size = int(batch_size)
         self.progress = progress
-        self.source = source
+        self.source = self._source if source is None else source
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """Raise for a model of the wrong kind (any model is accepted by default)."""
+
+    def _input_size(self, model: torch.nn.Module, image_size: int | None) -> int | None:
+        """The side the images are resized to: ``image_size``, or the class's default when it is `None`."""
+        return self._image_size if image_size is None else image_size
 
     @property
     def image_size(self) -> int:
@@ -255,35 +280,18 @@ class DINOv2Features(_ImageFeatures):
         image_size (`int`, defaults to 224): side of the square input; DINOv2 interpolates its position embeddings,
             so any multiple of the patch size works.
         batch_size (`int`, defaults to 64): images per forward pass.
-        device (`str` or `torch.device`, *optional*): where the model runs; defaults to CUDA when available, else
-            the CPU.
-        progress (`bool`, defaults to `False`): show a tqdm progress bar.
+        device (`str` or `torch.device`, *optional*), progress (`bool`, defaults to `False`): as the module
+            docstring states.
         source (`str`, defaults to `"Dinov2Model"`): where the weights came from, for reports.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        image_size: int = 224,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        progress: bool = False,
-        source: str = "Dinov2Model",
-    ):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+    _image_size = 224
+    _source = "Dinov2Model"
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        model_type = _model_type(model)
         if model_type not in _DINOV2_TYPES:
             raise ValueError(f"DINOv2Features needs a DINOv2 model ({', '.join(_DINOV2_TYPES)}), got {model_type!r}.")
-        super().__init__(
-            model,
-            image_size=image_size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            source=source,
-        )
 
     @classmethod
     def from_pretrained(
@@ -321,38 +329,27 @@ class CLIPImageFeatures(_ImageFeatures):
 
     Args:
         model (`transformers.CLIPVisionModelWithProjection`): the vision tower with its projection.
-        batch_size (`int`, defaults to 64): images per forward pass.
-        device (`str` or `torch.device`, *optional*): where the model runs; defaults to CUDA when available, else
-            the CPU.
-        progress (`bool`, defaults to `False`): show a tqdm progress bar.
+        batch_size (`int`, defaults to 64), device (`str` or `torch.device`, *optional*), progress (`bool`, defaults
+            to `False`): as the module docstring states; there is no ``image_size``, the vision config sets it.
         source (`str`, defaults to `"CLIPVisionModelWithProjection"`): where the weights came from, for reports.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        progress: bool = False,
-        source: str = "CLIPVisionModelWithProjection",
-    ):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+    _mean = CLIP_MEAN
+    _std = CLIP_STD
+    _source = "CLIPVisionModelWithProjection"
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        model_type = _model_type(model)
         if model_type != "clip_vision_model":
             raise ValueError(
                 f"CLIPImageFeatures needs a CLIPVisionModelWithProjection (model type 'clip_vision_model'), got "
                 f"{model_type!r}; load a full CLIP checkpoint with CLIPImageFeatures.from_pretrained."
             )
-        super().__init__(
-            model,
-            image_size=model.config.image_size,
-            mean=CLIP_MEAN,
-            std=CLIP_STD,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            source=source,
-        )
+
+    def _input_size(self, model: torch.nn.Module, image_size: int | None) -> int:
+        if image_size is not None:  # the position embeddings are fixed by the vision config
+            raise TypeError("CLIPImageFeatures takes no image_size: the model's vision config sets it.")
+        return model.config.image_size
 
     @classmethod
     def from_pretrained(
@@ -395,35 +392,15 @@ class SSCDFeatures(_ImageFeatures):
             ``torch.jit.ScriptModule`` from :meth:`from_torchscript`.
         image_size (`int`, defaults to 288): the shorter side after resizing (SSCD's "small" setting).
         batch_size (`int`, defaults to 64): images per forward pass.
-        device (`str` or `torch.device`, *optional*): where the model runs; defaults to CUDA when available, else
-            the CPU.
-        progress (`bool`, defaults to `False`): show a tqdm progress bar.
+        device (`str` or `torch.device`, *optional*), progress (`bool`, defaults to `False`): as the module
+            docstring states.
         source (`str`, defaults to `"SSCD"`): where the model came from, for reports.
     """
 
     _interpolation = "bilinear"
     _crop = False
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        image_size: int = 288,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        progress: bool = False,
-        source: str = "SSCD",
-    ):
-        super().__init__(
-            model,
-            image_size=image_size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            source=source,
-        )
+    _image_size = 288
+    _source = "SSCD"
 
     @classmethod
     def from_torchscript(cls, path: str | os.PathLike, **kwargs: Any) -> SSCDFeatures:
