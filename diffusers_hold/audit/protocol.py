@@ -44,9 +44,9 @@ from ..metrics import (
     copy_detection,
     load_features,
     nn_ratio_memorization,
+    prompt_bootstrap_intervals,
     quality_report,
 )
-from ..metrics.copy_detection import _bootstrap
 from ..metrics.features import FEATURE_KINDS
 from ..utils import image_grid, to_pil_image
 from .prompts import PromptSet, load_reference_images
@@ -485,7 +485,7 @@ def _clip(generated: torch.Tensor, prompts: list[str], copy: CopyDetectionReport
     per_prompt = (
         torch.zeros(len(copy.prompts), dtype=torch.float64).index_add_(0, copy.prompt_index, scores.double()) / counts
     )
-    interval = _bootstrap(
+    interval = prompt_bootstrap_intervals(
         {"clip": per_prompt.numpy()},
         torch.zeros_like(counts).numpy(),
         counts.numpy(),

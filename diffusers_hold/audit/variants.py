@@ -34,8 +34,13 @@ from typing import Any
 
 import torch
 
-from ..mitigations.guidance import AntiMemorizationGuidance, delayed_guidance, opposite_guidance
-from ..mitigations.value_neurons import _cross_attention_modules, value_neuron_activations
+from ..mitigations import (
+    AntiMemorizationGuidance,
+    cross_attention_modules,
+    delayed_guidance,
+    opposite_guidance,
+    value_neuron_activations,
+)
 from .run import is_text_conditional
 
 __all__ = [
@@ -358,7 +363,7 @@ def _nemo(
         )
     unet = _unet(pipeline, "nemo")
     try:
-        modules = _cross_attention_modules(unet)
+        modules = cross_attention_modules(unet)
     except ValueError as error:
         raise _refuse(pipeline, "nemo", str(error).rstrip(".")) from error
     # z = (a - mean_ref) / std_ref per neuron, as value_neuron_z_scores computes it for one memorized prompt

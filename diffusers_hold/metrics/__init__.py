@@ -16,7 +16,7 @@ al.'s latent decomposition against the schedule's weights (:class:`TrajectoryRec
 ``docs/MEMORIZATION.md``, "Metrics".
 """
 
-from .copy_detection import CopyDetectionReport, copy_detection, cosine_similarity_matrix
+from .copy_detection import CopyDetectionReport, copy_detection, cosine_similarity_matrix, prompt_bootstrap_intervals
 from .emm import EMMPoint, EMMResult, effective_model_memorization
 from .features import CLIPImageFeatures, DINOv2Features, SSCDFeatures, clip_score, load_features
 from .neighbours import (
@@ -81,6 +81,7 @@ __all__ = [
     "nearest_neighbours",
     "nn_ratio_memorization",
     "precision_recall",
+    "prompt_bootstrap_intervals",
     "quality_report",
     "reference_weights",
     "tiled_l2",

@@ -24,7 +24,7 @@ import torch
 from .._validation import ELEMENT_BUDGET, as_batch, check_finite, check_positive_int, is_integer, is_real_number
 from ._search import _resolve_device
 
-__all__ = ["CopyDetectionReport", "copy_detection", "cosine_similarity_matrix"]
+__all__ = ["CopyDetectionReport", "copy_detection", "cosine_similarity_matrix", "prompt_bootstrap_intervals"]
 
 
 # ---------------------------------------------------------------------------------------------- similarity
@@ -125,7 +125,7 @@ def _prompt_list(ids: Any, name: str, length: int) -> list[Hashable]:
 
 
 # ---------------------------------------------------------------------------------------------- bootstrap
-def _bootstrap(
+def prompt_bootstrap_intervals(
     per_prompt: dict[str, np.ndarray],
     copies: np.ndarray,
     counts: np.ndarray,
@@ -134,7 +134,18 @@ def _bootstrap(
     level: float,
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of the per-prompt means in ``per_prompt`` and of the pooled fraction of copies
-    (``sum copies / sum counts``), over ``n_bootstrap`` resamples of the prompts with replacement."""
+    (``sum copies / sum counts``), over ``n_bootstrap`` resamples of the prompts with replacement.
+
+    Args:
+        per_prompt (`dict[str, np.ndarray]`): per-prompt values (shape ``(P,)``) whose mean over prompts is reported.
+        copies (`np.ndarray`), counts (`np.ndarray`): per prompt, its copies and its generations (shape ``(P,)``).
+        n_bootstrap (`int`), seed (`int`): resamples and their seed (the same seed gives the same resamples, so
+            intervals of several statistics are paired).
+        level (`float`): the interval's confidence, e.g. 0.95.
+
+    Returns:
+        `dict[str, tuple[float, float]]`: ``(low, high)`` per key of ``per_prompt`` and for ``"fraction_copied"``.
+    """
     n_prompts = counts.shape[0]
     rng = np.random.default_rng(seed)
     stats: dict[str, list[np.ndarray]] = {name: [] for name in (*per_prompt, "fraction_copied")}
@@ -360,7 +371,7 @@ def copy_detection(
     per_prompt = _per_prompt(max_similarity, copied, generated_prompt, len(prompts), top_k)
     counts, prompt_max, prompt_top_k, prompt_copies = per_prompt
 
-    intervals = _bootstrap(
+    intervals = prompt_bootstrap_intervals(
         {"max": prompt_max.numpy(), "top_k": prompt_top_k.numpy()},
         prompt_copies.numpy(),
         counts.double().numpy(),

@@ -55,6 +55,7 @@ from .timestep_sampling import (
     get_timestep_sampler,
 )
 from .value_neurons import (
+    cross_attention_modules,
     find_memorization_neurons,
     mask_value_neurons,
     masked_value_neurons,
@@ -90,6 +91,7 @@ __all__ = [
     "find_memorization_neurons",
     "get_timestep_sampler",
     "head_importance",
+    "cross_attention_modules",
     "mask_value_neurons",
     "masked_value_neurons",
     "mean_over_kept",

@@ -19,6 +19,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 __all__ = [
+    "cross_attention_modules",
     "find_memorization_neurons",
     "mask_value_neurons",
     "masked_value_neurons",
@@ -27,7 +28,9 @@ __all__ = [
 ]
 
 
-def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
+def cross_attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
+    """The cross-attention modules of ``unet`` that have a value projection (``to_v``), by module name; raises
+    when there are none. Their value neurons are what NeMo selects and masks."""
     modules = {
         name: m
         for name, m in unet.named_modules()
@@ -59,7 +62,7 @@ def value_neuron_activations(
     """
     if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3:
         raise ValueError("encoder_hidden_states must have shape (batch, tokens, dim).")
-    modules = _cross_attention_modules(unet)
+    modules = cross_attention_modules(unet)
     states = encoder_hidden_states
     projection = getattr(unet, "encoder_hid_proj", None)
     if projection is not None:
@@ -159,7 +162,7 @@ def mask_value_neurons(unet: torch.nn.Module, neurons: Mapping[str, Iterable[int
     Raises:
         `ValueError`: for an unknown module or an out-of-range index (nothing is masked then).
     """
-    modules = _cross_attention_modules(unet)
+    modules = cross_attention_modules(unet)
     checked = {}
     for name, indices in neurons.items():
         if name not in modules:
@@ -182,7 +185,7 @@ def mask_value_neurons(unet: torch.nn.Module, neurons: Mapping[str, Iterable[int
 def masked_value_neurons(unet: torch.nn.Module) -> dict[str, list[int]]:
     """The value neurons whose ``to_v`` weight row (and bias) are exactly zero, read from the weights."""
     found = {}
-    for name, attn in _cross_attention_modules(unet).items():
+    for name, attn in cross_attention_modules(unet).items():
         zero = ~attn.to_v.weight.detach().any(dim=1)
         if attn.to_v.bias is not None:
             zero &= attn.to_v.bias.detach() == 0
