@@ -29,22 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from harness import ForeignLoad, environment, finish
+from harness import ForeignLoad, auc, environment, finish
 
 from diffusers_hold.bench import BENCH_METHODS, BenchConfig, build_model, load_bench_data, run_bench
 from diffusers_hold.metrics import TrajectoryRecorder, decompose_trajectory, nn_ratio_memorization, reference_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trajectory_separation.json"
-
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (the Mann-Whitney statistic)."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).mean()
-    ties = (pos[:, None] == neg[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 FOREIGN_LOAD_WARNING = 0.05  # warn when other processes used more than this share of the CPU during a run
@@ -92,3 +93,13 @@ def finish(
     output_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {output_path} ({results['wall_time_s']:.0f} s)")
     return results
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (the Mann-Whitney statistic)."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
