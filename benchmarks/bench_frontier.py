@@ -26,7 +26,7 @@ Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 
 at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
 ``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
 ``--state_dir/<study>/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the trained ones);
-sample grids (one row per evaluation, earliest on top) to ``benchmarks/results/frontier/<study>_samples/``.
+sample grids (one row per evaluation, earliest on top) to ``<output>_samples/`` beside the results file.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> None:
                 on_evaluation=lambda step, generated, scores, rows=grid_rows: rows.append(generated[:GRID_COLUMNS]),
             )  # fmt: skip
             if grid_rows:  # a run restored whole from its state has no new generations to show
-                save_grid(grid_rows, output.parent / f"{name}_samples" / f"{method}_seed{seed}.png")
+                save_grid(grid_rows, output.parent / f"{output.stem}_samples" / f"{method}_seed{seed}.png")
             curves.setdefault(method, {})[str(seed)] = [
                 {"step": point["step"], **{key: point[key] for key in METRICS}} for point in result["curve"]
             ]
