@@ -23,6 +23,7 @@ from diffusers_hold.bench import (
     evaluate,
     load_bench_data,
     run_bench,
+    train_and_evaluate,
 )
 from diffusers_hold.data import load_photo_patches
 from diffusers_hold.mitigations import attention_heads, pruned_heads
@@ -237,6 +238,21 @@ def test_the_dit_methods_train_sample_and_prune_a_diffusers_dit(tmp_path):
         model, _ = build_model(BENCH_METHODS[name], config, channels=1)
         model.load_state_dict(torch.load(tmp_path / "run" / "state" / f"{name}.pt", weights_only=True)["model"])
         assert len(pruned_heads(model)) == expected
+
+
+def test_dit_training_is_reproducible_whatever_the_global_random_state(tmp_path):
+    # diffusers' DiT draws its class-label dropout from the global RNG; the bench's one-class DiT must not depend on it
+    config = BenchConfig(methods=["dit"], train_size=16, held_out_size=64, train_steps=8, num_evaluations=1,
+                         num_samples=8, ddim_steps=2)  # fmt: skip
+    train, held_out = load_bench_data(config)
+    weights = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        (tmp_path / str(global_seed)).mkdir()
+        train_and_evaluate(BENCH_METHODS["dit"], train, held_out, config, tmp_path / str(global_seed))
+        weights.append(torch.load(tmp_path / str(global_seed) / "dit.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 def test_the_snr_interval_grid_is_vu_et_als_gaussian_over_each_interval():

@@ -55,7 +55,8 @@ class BenchMethod:
         trained_by (`str`, *optional*): an inference-time method trains nothing: it samples the final model of this
             method (which must come earlier in the run) and is evaluated once, at the end.
         transformer (`bool`, defaults to `False`): train a small DiT (diffusers' ``DiTTransformer2DModel``: patch
-            size 2, 4 layers of 8 heads of width 8, one class) instead of the UNet, as Ye et al. prune.
+            size 2, 4 layers of 8 heads of width 8, one class, no label dropout) instead of the UNet, as Ye et al.
+            prune.
     """
 
     name: str
