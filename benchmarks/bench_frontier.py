@@ -25,8 +25,8 @@ Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 
 8,000 updates: DDPM in its transition regime), ``photos8`` and ``photos16`` (32 RGB patches of bundled photographs
 at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
 ``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
-``--state_dir/<study>/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the trained ones);
-sample grids (one row per evaluation, earliest on top) to ``<output>_samples/`` beside the results file.
+``--state_dir/<study>/<n>_evaluations/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the
+trained ones); sample grids (one row per evaluation, earliest on top) to ``<output>_samples/`` beside the results file.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def main() -> None:
         for seed in args.seeds:
             run_config = replace(config, seed=seed)
             train, held_out = load_bench_data(run_config)
-            # one folder per study and seed, so that another --output (more methods) reuses the trained models
-            state_dir = args.state_dir / name / f"seed{seed}"
+            # one folder per study, evaluation plan and seed, so that another --output (more methods) reuses the
+            # trained models
+            state_dir = args.state_dir / name / f"{config.num_evaluations}_evaluations" / f"seed{seed}"
             state_dir.mkdir(parents=True, exist_ok=True)
             grid_rows = []
             result, _ = train_and_evaluate(

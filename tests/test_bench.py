@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,15 @@ def test_dit_training_is_reproducible_whatever_the_global_random_state(tmp_path)
         weights.append(torch.load(tmp_path / str(global_seed) / "dit.pt", weights_only=True)["model"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_a_saved_state_from_another_evaluation_plan_is_refused(tmp_path):
+    config = BenchConfig(methods=["ddpm"], train_size=16, held_out_size=64, train_steps=4, num_evaluations=1,
+                         num_samples=8, ddim_steps=2)  # fmt: skip
+    train, held_out = load_bench_data(config)
+    train_and_evaluate(BENCH_METHODS["ddpm"], train, held_out, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"evaluated at steps \[4\]; this run evaluates at \[2, 4\]"):
+        train_and_evaluate(BENCH_METHODS["ddpm"], train, held_out, replace(config, num_evaluations=2), tmp_path)
 
 
 def test_the_snr_interval_grid_is_vu_et_als_gaussian_over_each_interval():

@@ -329,6 +329,12 @@ def train_and_evaluate(
     path = state_dir / f"{method.name}.pt"
     if path.exists():
         run.load_state_dict(_load_state(path))
+        done, planned = [point["step"] for point in run.curve], config.evaluation_steps()
+        if done != planned[: len(done)]:
+            raise ValueError(
+                f"{path} was saved by a run that evaluated at steps {done}; this run evaluates at {planned}. "
+                "Use another state folder."
+            )
     bar = tqdm(total=config.train_steps, initial=run.step, desc=method.name, disable=not progress, leave=False)
     generated, scores = None, None
     for target_step in [s for s in config.evaluation_steps() if s > run.step]:
