@@ -21,9 +21,10 @@ seeds with a 95 % t-interval, and says when a seed never meets the target. FD-PC
 it with less faithful samples; the stricter rule also asks for precision at least DDPM's at its matched points (mean
 over seeds) divided by the same 1.1.
 
-Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 updates), ``digits128`` (128 digits,
-8,000 updates: DDPM in its transition regime), ``photos8`` and ``photos16`` (32 RGB patches of bundled photographs
-at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at 16x16, 2,000 updates). Results go to
+Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 updates), ``digits64`` (64 digits,
+4,000 updates), ``digits128`` (128 digits, 8,000 updates: DDPM in its transition regime), ``photos8`` and
+``photos16`` (32 RGB patches of bundled photographs at 8x8 and 16x16, 2,000 updates), ``lfw`` (32 grayscale faces at
+16x16, 2,000 updates). Results go to
 ``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
 ``--state_dir/<study>/<n>_evaluations/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the
 trained ones); sample grids (one row per evaluation, earliest on top) to ``<output>_samples/`` beside the results file.
@@ -48,6 +49,7 @@ from diffusers_hold.utils import atomic_output, image_grid, to_pil_image
 RESULTS = Path(__file__).resolve().parent / "results" / "frontier"
 STUDIES = {
     "digits32": BenchConfig(data="digits", resolution=8, train_size=32, train_steps=2000),
+    "digits64": BenchConfig(data="digits", resolution=8, train_size=64, train_steps=4000),
     "digits128": BenchConfig(data="digits", resolution=8, train_size=128, train_steps=8000),
     "photos8": BenchConfig(data="photos", resolution=8, train_size=32, train_steps=2000),
     "photos16": BenchConfig(data="photos", resolution=16, train_size=32, train_steps=2000),

@@ -18,7 +18,9 @@ so every difference below is discretisation error (plus Monte Carlo noise).
 with ``euler_maruyama``, ``sscs`` and ``ddim`` on the quadratic grid, and ``exp_multistep`` (``dpmsolver``: noise part
 in the ``R_t`` basis) at solver orders 2 and 3 on the ``log1p`` grid without the final denoising call; at HOLD order 3
 also started late (``_late``: ``sampling_T=3.5``, where the position's log-SNR is -6.2, from the prior; ``exp3m_t3``:
-``sampling_T=3.0``, log-SNR -4.9).
+``sampling_T=3.0``, log-SNR -4.9); and the zero-shot recommendation, ``exp2m_vp`` / ``exp2m_sde_vp``
+(``dpmsolver`` / ``sde-dpmsolver++`` at solver order 2 with ``timestep_spacing="vp_linspace"`` and
+``lower_order_final=True``: the VP model called at DPM-Solver++'s evenly spaced timesteps, the last step first order).
 
 **Metrics.** Sliced Wasserstein-1 distance (64 fixed directions) between ``N`` generated points and ``N`` exact draws,
 error of the mean and relative Frobenius error of the covariance, each the mean over three sampling seeds (one with
@@ -49,6 +51,7 @@ STEPS = (10, 15, 25, 50, 100)
 SCORED_STEPS = (10, 15, 25, 50)
 # exp_multistep's few-step settings: the grid uniform in log(1 + t) and every model call a solver step
 FEW_STEP = {"timestep_spacing": "log1p", "denoise_final": False}
+VP_GRID = {"timestep_spacing": "vp_linspace", "denoise_final": False, "lower_order_final": True}
 # HOLD-3 also started late, at t = 3.5 (`sampling_T`; exp3m also at 3.0), and DPM-Solver++ 2M at the noise level the
 # model sees there
 LATE_START = 3.5
@@ -188,6 +191,9 @@ def solvers() -> dict:
         "ddim": {"solver": "ddim"},
         "exp2m": {"solver": "exp_multistep", "solver_order": 2, **FEW_STEP},
         "exp3m": {"solver": "exp_multistep", "solver_order": 3, **FEW_STEP},
+        # the zero-shot recommendation: the VP model called at DPM-Solver++'s timesteps, the last step first order
+        "exp2m_vp": {"solver": "exp_multistep", "solver_order": 2, **VP_GRID},
+        "exp2m_sde_vp": {"solver": "exp_multistep", "solver_order": 2, "algorithm_type": "sde-dpmsolver++", **VP_GRID},
     }
     late_hold = {f"{name}_late": {**hold_solvers[name], "sampling_T": LATE_START} for name in ("exp2m", "exp3m")}
     late_hold["exp3m_t3"] = {**hold_solvers["exp3m"], "sampling_T": LATER_START}

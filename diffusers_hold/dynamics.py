@@ -19,6 +19,7 @@ Reference: ``docs/HOLD_MATH.md`` (sections 1-5); CLD (Dockhorn et al. 2022) is o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,25 @@ def _runs_of_similar_length(t: torch.Tensor, t_next: torch.Tensor, substeps_per_
     octave = torch.ceil(torch.log2(_magnus_substeps(t, t_next, substeps_per_unit))).tolist()
     starts = [0] + [i for i in range(1, len(octave)) if octave[i] != octave[i - 1]]
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [len(octave)], strict=True)]
+
+
+def time_where_decreasing(
+    function: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, t_min: float, t_max: float, name: str
+) -> torch.Tensor:
+    """The times in ``[t_min, t_max]`` at which ``function``, strictly decreasing in ``t``, takes ``values``
+    (bisection in ``log t``, accurate to ``1e-12`` relative in ``t``; float64). Values outside
+    ``[function(t_max), function(t_min)]`` raise, naming the quantity ``name``."""
+    target = torch.as_tensor(values, dtype=_F64)
+    high, low = function(torch.tensor(t_min, dtype=_F64)), function(torch.tensor(t_max, dtype=_F64))
+    if (target > high + 1e-9).any() or (target < low - 1e-9).any():
+        raise ValueError(f"{name} values must lie in [{float(low):.4g}, {float(high):.4g}].")
+    left = torch.full_like(target, math.log(t_min))
+    right = torch.full_like(target, math.log(t_max))
+    for _ in range(60):  # decreasing in t: above the target means the time is still too small
+        middle = 0.5 * (left + right)
+        too_early = function(middle.exp()) > target
+        left, right = torch.where(too_early, middle, left), torch.where(too_early, right, middle)
+    return (0.5 * (left + right)).exp()
 
 
 def _as_time(t: torch.Tensor | float) -> torch.Tensor:
@@ -303,17 +323,7 @@ class HOLDDynamics:
 
         Values outside ``[log_snr(t_max), log_snr(t_min)]`` raise. Accurate to ``1e-12`` relative in ``t``.
         """
-        target = torch.as_tensor(log_snr, dtype=_F64)
-        high, low = self.log_snr(torch.tensor(t_min, dtype=_F64)), self.log_snr(torch.tensor(t_max, dtype=_F64))
-        if (target > high + 1e-9).any() or (target < low - 1e-9).any():
-            raise ValueError(f"log-SNR values must lie in [{float(low):.4g}, {float(high):.4g}].")
-        left = torch.full_like(target, math.log(t_min))
-        right = torch.full_like(target, math.log(t_max))
-        for _ in range(60):  # the log-SNR decreases in t: above the target means the time is still too small
-            middle = 0.5 * (left + right)
-            too_early = self.log_snr(middle.exp()) > target
-            left, right = torch.where(too_early, middle, left), torch.where(too_early, right, middle)
-        return (0.5 * (left + right)).exp()
+        return time_where_decreasing(self.log_snr, log_snr, t_min, t_max, "log-SNR")
 
     # ---------------------------------------------------------------------------------------- sampler coefficients
     def euler_maruyama_step(self, t: torch.Tensor | float, t_next: torch.Tensor | float) -> LinearStep:

@@ -125,16 +125,20 @@ def exact_sampler_law(data: GaussianData, num_inference_steps: int) -> tuple[np.
         full[:, :d] = matrix
         return full
 
+    num_steps = len(sched.timesteps)
     for i, timestep in enumerate(sched.timesteps):
         t = float(sched.timestep_to_time(timestep))
+        reads = min(i, slots)  # earlier estimates this step reads
+        if sched.config.lower_order_final:  # the last step first order; with < 15 steps the one before at most second
+            reads = 0 if i == num_steps - 1 else min(reads, 1) if num_steps < 15 and i == num_steps - 2 else reads
         mu, marginal_cov = data.marginal(t)
         a, sigma = data.kernel(t)
         precision = np.linalg.inv(marginal_cov)
         gain = np.linalg.cholesky(sigma)[-1, -1] * precision[-c:]  # eps_hat = gain (z - mu)
         posterior = np.kron(a[None, :], data.cov) @ precision
         x0_map, x0_offset = embed(posterior), data.mean - posterior @ mu  # x0_hat = E[x0 | z], affine
-        steps = forms[min(i, slots)]
-        kept = [(np.eye(slot, size, d + j * slot), np.zeros(slot)) for j in range(min(i, slots))]
+        steps = forms[reads]
+        kept = [(np.eye(slot, size, d + j * slot), np.zeros(slot)) for j in range(reads)]
         eps_vector = np.kron(steps.eps_vector[i].numpy()[:, None], eye)  # (n C, C)
         z_map = embed(np.kron(steps.state_matrix[i].numpy(), eye) + eps_vector @ gain)
         z_offset = -eps_vector @ gain @ mu

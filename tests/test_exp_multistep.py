@@ -7,7 +7,7 @@ import pytest
 import scipy.integrate
 import scipy.linalg
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 from gaussian_reference import GaussianData, exact_sampler_law
 from test_diffusers_contracts import generators
 from test_stock_pipelines import generate, hold_pipeline, record_unet_inputs
@@ -48,13 +48,13 @@ def test_first_order_step_is_the_exact_flow_of_a_single_data_point(order, algori
         np.testing.assert_allclose(out.prev_sample[0, :, 0].numpy(), exact, rtol=1e-6, atol=1e-7)
 
 
-def dpm_solver_on_hold_noise_levels(grid, algorithm_type, solver_order):
+def dpm_solver_on_hold_noise_levels(grid, algorithm_type, solver_order, lower_order_final=False):
     """diffusers' DPMSolverMultistepScheduler with its sigmas placed on HOLD order 1's noise levels at ``grid``."""
     dpm = DPMSolverMultistepScheduler(
         solver_order=solver_order,
         algorithm_type=algorithm_type,
         solver_type="heun",  # the exact integral of the interpolating polynomial, as HOLD's solver computes it
-        lower_order_final=False,
+        lower_order_final=lower_order_final,
         final_sigmas_type="sigma_min",  # the last sigma is set below: HOLD's grid ends at sampling_eps
     )
     dpm.set_timesteps(len(grid) - 1)
@@ -63,11 +63,13 @@ def dpm_solver_on_hold_noise_levels(grid, algorithm_type, solver_order):
     return dpm
 
 
+@pytest.mark.parametrize("lower_order_final", [False, True])
 @pytest.mark.parametrize("algorithm_type", ALGORITHMS)
 @pytest.mark.parametrize("solver_order", [1, 2])
-def test_order_one_is_diffusers_dpm_solver_on_the_same_noise_levels(algorithm_type, solver_order):
+def test_order_one_is_diffusers_dpm_solver_on_the_same_noise_levels(algorithm_type, solver_order, lower_order_final):
     """HOLD order 1 is the VP diffusion with alpha_bar = exp(-2 t); its exp_multistep solver must take the same steps
-    as DPMSolverMultistepScheduler (same algorithm, order and noise levels, same model, same noise draws).
+    as DPMSolverMultistepScheduler (same algorithm, order, ``lower_order_final`` and noise levels, same model, same
+    noise draws).
 
     Orders 1 and 2 only: diffusers' third-order update weights its second divided difference by half the exact
     integral of the interpolating quadratic, which HOLD's solver integrates exactly."""
@@ -79,9 +81,10 @@ def test_order_one_is_diffusers_dpm_solver_on_the_same_noise_levels(algorithm_ty
         solver_order=solver_order,
         algorithm_type=algorithm_type,
         timestep_spacing="log_snr",
+        lower_order_final=lower_order_final,
     )
     hold.set_timesteps(8)
-    dpm = dpm_solver_on_hold_noise_levels(hold.trajectory_times, algorithm_type, solver_order)
+    dpm = dpm_solver_on_hold_noise_levels(hold.trajectory_times, algorithm_type, solver_order, lower_order_final)
     # float32 samples, as diffusers' step casts them, so that both draw the same noise from the same generator
     sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     ours, theirs = sample.clone(), sample.clone()
@@ -99,10 +102,15 @@ def test_order_one_is_diffusers_dpm_solver_on_the_same_noise_levels(algorithm_ty
 
 @pytest.mark.parametrize("algorithm_type", ALGORITHMS)
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_second_order_sampler_reproduces_two_dimensional_gaussian_law(order, algorithm_type):
+@pytest.mark.parametrize("lower_order_final", [False, True])
+def test_second_order_sampler_reproduces_two_dimensional_gaussian_law(order, algorithm_type, lower_order_final):
     """Exact law of the sampler's output for correlated 2-D Gaussian data and the exact model (no Monte Carlo)."""
     scheduler = HOLDScheduler(
-        order=order, solver="exp_multistep", algorithm_type=algorithm_type, timestep_spacing="quadratic"
+        order=order,
+        solver="exp_multistep",
+        algorithm_type=algorithm_type,
+        timestep_spacing="quadratic",
+        lower_order_final=lower_order_final,
     )
     data = GaussianData(scheduler, [0.5, -0.2], [[0.09, 0.03], [0.03, 0.04]])
     steps = 200 if algorithm_type.startswith("sde") else 100  # the SDE's injected noise costs accuracy
@@ -187,6 +195,10 @@ def test_position_only_sampling_equals_full_state_sampling(algorithm_type):
 def test_invalid_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="solver_order"):
         HOLDScheduler(solver="exp_multistep", solver_order=4)
+    with pytest.raises(ValueError, match="lower_order_final"):
+        HOLDScheduler(solver="exp_multistep", lower_order_final="yes")
+    with pytest.raises(ValueError, match="vp_linspace.*vp_epsilon"):
+        HOLDScheduler(solver="exp_multistep", timestep_spacing="vp_linspace")
     with pytest.raises(ValueError, match="algorithm_type"):
         HOLDScheduler(solver="exp_multistep", algorithm_type="sde-dpmsolver")
     with pytest.raises(ValueError, match="eta"):
@@ -209,6 +221,35 @@ def test_coefficients_of_a_few_step_grid_match_a_finely_integrated_reference(ord
     for mine, fine in [(ours.state_matrix, reference.state_matrix[0]), (ours.data_vectors, reference.data_vectors[0])]:
         scale = fine.abs().amax(dim=(-1, -2), keepdim=True)
         assert ((mine - fine).abs() / scale).max() < 2e-6
+
+
+@pytest.mark.parametrize("sampling_T", [None, 3.5])
+def test_vp_linspace_calls_the_vp_model_at_evenly_spaced_timesteps(sampling_T):
+    """With ``"vp_linspace"`` the model's timesteps fall evenly from the start's VP timestep towards 0, as
+    DPMSolverMultistepScheduler's linspace grid calls a VP model; checked against the VP timestep of each call time
+    computed independently: the kernel from scipy's matrix exponential, the sufficient statistic's variance
+    ``1 / (a^T Sigma^{-1} a)``, and diffusers' ``alphas_cumprod``, interpolated in log-SNR."""
+    ddpm = DDPMScheduler()
+    scheduler = HOLDScheduler.from_config(
+        ddpm.config, order=3, prediction_type="vp_epsilon", sampling_T=sampling_T, timestep_spacing="vp_linspace",
+        solver="exp_multistep", denoise_final=False, lower_order_final=True,
+    )  # fmt: skip
+    data = GaussianData(scheduler, [0.0], [[1.0]])  # only its independent kernel is used
+    table = ddpm.alphas_cumprod.double().numpy()
+    table_log_snr = np.log(table / (1 - table))
+
+    def vp_timestep(t):
+        a, sigma = data.kernel(t)
+        statistic_log_snr = np.log(a @ np.linalg.solve(sigma, a))  # -log Var(s - x0)
+        return np.interp(-statistic_log_snr, -table_log_snr, np.arange(len(table)))
+
+    scheduler.set_timesteps(10)
+    times = scheduler.trajectory_times.numpy()
+    start = sampling_T or scheduler.config.T
+    assert times[0] == start and times[-1] == scheduler.config.sampling_eps and len(times) == 11
+    expected = np.linspace(vp_timestep(start), 0.0, 11)[:-1]
+    np.testing.assert_allclose([vp_timestep(t) for t in times[:-1]], expected, atol=1e-3)
+    np.testing.assert_allclose(scheduler.timesteps.numpy(), expected, rtol=1e-6)
 
 
 def test_repeated_set_timesteps_gives_the_coefficients_of_its_own_grid():

@@ -50,7 +50,7 @@ RECOMMENDED_INFERENCE_STEPS = {"euler_maruyama": 250, "sscs": 250, "ddim": 250, 
 # exp_multistep: the quantity interpolated across model calls and the noise scale eta of the reverse dynamics, under
 # the names of diffusers' DPMSolverMultistepScheduler, which each equals at HOLD order 1
 ALGORITHM_TYPES = {"dpmsolver": ("noise", 0.0), "dpmsolver++": ("data", 0.0), "sde-dpmsolver++": ("data", 1.0)}
-TIMESTEP_SPACINGS = ("linear", "quadratic", "log_snr", "log1p")
+TIMESTEP_SPACINGS = ("linear", "quadratic", "log_snr", "log1p", "vp_linspace")
 PREDICTION_TYPES = ("epsilon", "vp_epsilon")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 # Config keys that define the forward process. A HOLD UNet is trained for (or converted under) exactly these values,
@@ -181,12 +181,22 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         algorithm_type (`str`, defaults to `"dpmsolver"`): what `"exp_multistep"` interpolates: `"dpmsolver"` (noise
             part, probability-flow ODE), `"dpmsolver++"` (denoised estimate, ODE) or `"sde-dpmsolver++"` (denoised
             estimate, reverse SDE). Measured choice: `"dpmsolver"` with exact scores, `"sde-dpmsolver++"` for learned
-            HOLD models (the ODE types diverge there at orders >= 2), `"sde-dpmsolver++"` with ``sampling_T=3.5`` (or
-            `"dpmsolver++"`) for zero-shot `"vp_epsilon"` sampling (``benchmarks/bench_learned_sampler.py``).
+            HOLD models (the ODE types diverge there at orders >= 2), `"sde-dpmsolver++"` with
+            ``timestep_spacing="vp_linspace"`` and ``lower_order_final=True`` for zero-shot `"vp_epsilon"` sampling
+            (``benchmarks/bench_learned_sampler.py``).
+        lower_order_final (`bool`, defaults to `False`): as diffusers' `DPMSolverMultistepScheduler`: the last
+            `"exp_multistep"` step is first order, and with fewer than 15 steps the one before reads at most two
+            estimates. The last step of a few-step grid spans the widest range of noise levels, where extrapolating
+            earlier estimates is least accurate; needed with `"vp_linspace"`. Off by default so that the measured
+            `"log1p"` results stand as measured.
         timestep_spacing (`str`, defaults to `"linear"`): `"linear"` or `"quadratic"` grid in ``t``, `"log_snr"`:
             uniform in :meth:`~diffusers_hold.HOLDDynamics.log_snr` (DPM-Solver's uniform-lambda grid at order 1), or
             `"log1p"`: uniform in ``log(1 + t)``, which spends more steps at high noise than `"quadratic"`; it is the
-            measured best grid for `"exp_multistep"` at HOLD orders 2 and 3.
+            measured best grid for `"exp_multistep"` at HOLD orders 2 and 3 with native HOLD models. `"vp_linspace"`
+            (`"vp_epsilon"` only): the VP model is called at evenly spaced VP timesteps, from the start's down towards
+            0, as `DPMSolverMultistepScheduler`'s `"linspace"` grid calls it, and the grid then ends at
+            ``sampling_eps``; measured best for zero-shot few-step sampling, where `"log1p"` spends its last calls at
+            noise levels the VP model sees as clean.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`: a HOLD model predicts the last block's noise
             from the whole state. `"vp_epsilon"`: zero-shot HOLD with a pretrained VP (DDPM) epsilon model; the
             model sees ``sqrt(alpha_bar) * s`` (``C`` channels), where ``s`` is the sufficient statistic of the state
@@ -223,7 +233,8 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
         solver: Literal["euler_maruyama", "sscs", "ddim", "exp_multistep"] = "euler_maruyama",
         solver_order: int = 2,
         algorithm_type: Literal["dpmsolver", "dpmsolver++", "sde-dpmsolver++"] = "dpmsolver",
-        timestep_spacing: Literal["linear", "quadratic", "log_snr", "log1p"] = "linear",
+        lower_order_final: bool = False,
+        timestep_spacing: Literal["linear", "quadratic", "log_snr", "log1p", "vp_linspace"] = "linear",
         prediction_type: Literal["epsilon", "vp_epsilon"] = "epsilon",
         denoise_final: bool = True,
         beta_start: float = 0.0001,
@@ -251,6 +262,13 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(allowed)}.")
         if not isinstance(solver_order, int) or isinstance(solver_order, bool) or not 1 <= solver_order <= 3:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}.")
+        if not isinstance(lower_order_final, bool):
+            raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}.")
+        if timestep_spacing == "vp_linspace" and prediction_type != "vp_epsilon":
+            raise ValueError(
+                'timestep_spacing="vp_linspace" places the model calls at a VP model\'s timesteps; it needs '
+                'prediction_type="vp_epsilon".'
+            )
         defaulted = set(self.config.get("_use_default_values", []))
         if prediction_type == "vp_epsilon" and defaulted.issuperset(VP_SCHEDULE_KEYS):
             # a silent default schedule would feed the VP model the wrong noise levels
@@ -480,6 +498,15 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
             grid = self.dynamics.time_at_log_snr(ends[0] + (ends[1] - ends[0]) * u, cfg.sampling_eps, start)
             grid[0], grid[-1] = start, cfg.sampling_eps  # exact end points
             return grid
+        if cfg.timestep_spacing == "vp_linspace":
+            # the VP model is called at the timesteps DPMSolverMultistepScheduler's "linspace" grid gives it: evenly
+            # from the start's VP timestep towards 0, the end point excluded; then the grid's end at sampling_eps
+            conversion = self._vp_conversion
+            first = conversion.coefficients(torch.tensor([start], dtype=torch.float64))[2]
+            calls = conversion.time_at_timestep(first * (1.0 - u[:-1]), cfg.sampling_eps, start)
+            grid = torch.cat([calls, torch.tensor([cfg.sampling_eps], dtype=torch.float64)])
+            grid[0] = start  # exact, also where the start's noise level lies beyond the VP table's clamp
+            return grid
         if cfg.timestep_spacing == "log1p":  # uniform in log(1 + t)
             ends = torch.log1p(torch.tensor([start, cfg.sampling_eps], dtype=torch.float64))
             grid = torch.expm1(ends[0] + (ends[1] - ends[0]) * u)
@@ -670,10 +697,14 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     def _previous_estimates(self, index: int, shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
         """What the multistep solver keeps of the model calls just before step ``index`` (most recent first), as many
         as it reads: denoised estimates, or noise parts carried to the current time. The run stops at the first
-        missing step, so a trajectory entered mid-schedule starts at first order."""
-        estimates = []
+        missing step, so a trajectory entered mid-schedule starts at first order; with ``lower_order_final`` the last
+        steps read fewer."""
+        estimates, readable = [], len(self._multistep_steps)
+        if self.config.lower_order_final:  # as diffusers: the last step first order, the one before at most second
+            remaining = self.num_inference_steps - index - 1
+            readable = 0 if remaining == 0 else min(readable, remaining) if self.num_inference_steps < 15 else readable
         for back, (step_index, estimate) in enumerate(reversed(self._data_history)):
-            if step_index != index - 1 - back or back == len(self._multistep_steps):
+            if step_index != index - 1 - back or back == readable:
                 break
             if estimate.shape != shape:
                 raise ValueError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dynamics import HOLDDynamics
+from ..dynamics import HOLDDynamics, time_where_decreasing
 
 __all__ = ["VPConversion", "vp_betas"]
 
@@ -66,6 +66,21 @@ class VPConversion:
         positions = torch.arange(len(table), dtype=torch.float64)
         vp_timesteps = np.interp(-log_snr.numpy(), -table_log_snr.numpy(), positions.numpy())
         return weights, alpha_bar, torch.as_tensor(vp_timesteps, dtype=torch.float64)
+
+    def time_at_timestep(self, vp_timesteps: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
+        """The continuous times in ``[t_min, t_max]`` at which :meth:`coefficients` gives the (fractional) VP
+        timesteps ``vp_timesteps``: where the sufficient statistic's log-SNR ``-log Var(s - x_0)`` equals the VP
+        table's log-SNR at those timesteps (interpolated linearly in the timestep). Timesteps whose noise level the
+        statistic does not reach within ``[t_min, t_max]`` raise."""
+        table = self.alphas_cumprod
+        positions = np.arange(len(table), dtype=np.float64)
+        table_log_snr = torch.log(table / (1 - table)).numpy()
+        targets = torch.as_tensor(np.interp(np.asarray(vp_timesteps, dtype=np.float64), positions, table_log_snr))
+
+        def statistic_log_snr(t: torch.Tensor) -> torch.Tensor:
+            return -torch.log(self.dynamics.sufficient_statistic(t)[1])
+
+        return time_where_decreasing(statistic_log_snr, targets, t_min, t_max, "VP log-SNR")
 
     @staticmethod
     def model_input(state: torch.Tensor, weights: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
