@@ -301,6 +301,13 @@ def test_sampling_T_costs_only_the_priors_mismatch():
 
 # ------------------------------------------------------------------------------------------- in diffusers' pipelines
 FEW_STEP = {"solver": "exp_multistep", "solver_order": 2, **FEW_STEP_GRID}
+# the README's zero-shot recommendation
+ZERO_SHOT = {
+    **FEW_STEP,
+    "algorithm_type": "sde-dpmsolver++",
+    "timestep_spacing": "vp_linspace",
+    "lower_order_final": True,
+}
 
 
 @pytest.mark.parametrize("algorithm_type", ALGORITHMS)
@@ -335,14 +342,17 @@ def test_callback_that_replaces_latents_is_read_by_the_next_multistep_update():
     assert (out - unedited).abs().max() > 1e-3  # the edit reached the result
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "vp_epsilon"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "vp_epsilon", "vp_epsilon_recommended"])
 def test_img2img_enters_the_few_step_schedule_at_its_strength(prediction_type):
     if prediction_type == "epsilon":
         pipe = hold_pipeline(algorithm_type="sde-dpmsolver++", **FEW_STEP)
     else:
         pipe = tiny_stable_diffusion_pipeline()
+        settings = (
+            ZERO_SHOT if prediction_type.endswith("recommended") else {**FEW_STEP, "algorithm_type": "sde-dpmsolver++"}
+        )
         pipe.scheduler = HOLDScheduler.from_config(
-            pipe.scheduler.config, order=3, prediction_type="vp_epsilon", algorithm_type="sde-dpmsolver++", **FEW_STEP
+            pipe.scheduler.config, order=3, prediction_type="vp_epsilon", **settings
         )
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
@@ -353,6 +363,25 @@ def test_img2img_enters_the_few_step_schedule_at_its_strength(prediction_type):
     assert np.isfinite(batch).all()
     assert [t for _, t in seen] == pytest.approx(img2img.scheduler.timesteps[5:].tolist())
     single = img2img("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images[0]
+    np.testing.assert_allclose(batch[1], single, rtol=0, atol=1e-5)
+
+
+def test_zero_shot_recommended_settings_in_a_stock_pipeline_with_guidance_keep_per_image_seeds():
+    """The zero-shot recommendation (vp_linspace, lower_order_final, sde-dpmsolver++) in StableDiffusionPipeline
+    with classifier-free guidance: the model sees evenly spaced VP timesteps, and image i of a batch made with
+    generator=[g_0, g_1] equals the image made alone with g_i."""
+    pipe = tiny_stable_diffusion_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = HOLDScheduler.from_config(
+        pipe.scheduler.config, order=3, prediction_type="vp_epsilon", **ZERO_SHOT
+    )
+    seen = record_unet_inputs(pipe)
+    kwargs = {"guidance_scale": 7.5, "num_inference_steps": 6, "output_type": "np"}
+    batch = pipe("a cat", num_images_per_prompt=2, generator=generators(0, 1), **kwargs).images
+    assert np.isfinite(batch).all() and len(seen) == 6
+    timesteps = np.array([float(t) for _, t in seen])
+    np.testing.assert_allclose(np.diff(timesteps), np.full(5, -timesteps[0] / 6), rtol=1e-4)
+    single = pipe("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images[0]
     np.testing.assert_allclose(batch[1], single, rtol=0, atol=1e-5)
 
 
@@ -374,12 +403,14 @@ def test_zero_shot_equals_the_converted_unet_with_a_native_scheduler(algorithm_t
 
 
 def test_save_and_load_keeps_the_solver_and_the_images(tmp_path):
-    pipe = hold_pipeline(algorithm_type="sde-dpmsolver++", **{**FEW_STEP, "solver_order": 3})
+    pipe = hold_pipeline(
+        algorithm_type="sde-dpmsolver++", **{**FEW_STEP, "solver_order": 3, "lower_order_final": True}
+    )
     expected = generate(pipe, num_inference_steps=6)
     pipe.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is HOLDScheduler
-    for key in ("solver", "solver_order", "algorithm_type", "timestep_spacing", "denoise_final"):
+    for key in ("solver", "solver_order", "algorithm_type", "timestep_spacing", "denoise_final", "lower_order_final"):
         assert loaded.scheduler.config[key] == pipe.scheduler.config[key]
     np.testing.assert_array_equal(generate(loaded, num_inference_steps=6), expected)
