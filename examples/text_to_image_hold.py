@@ -6,8 +6,9 @@
 2. ``zero_shot``: the stock UNet, with ``HOLDScheduler(prediction_type="vp_epsilon")`` turning its noise prediction
    into the exact HOLD score through the sufficient statistic of the state. No training, no new weights.
 3. ``converted``: ``HOLDUNet2DConditionModel.from_unet`` (reads the whole HOLD state, auxiliary inputs at zero
-   weight) with a native ``HOLDScheduler``; before fine-tuning it generates what ``zero_shot`` generates, and it is
-   the starting point of a HOLD fine-tune. Its pipeline is saved to ``<output_dir>/hold_pipeline``.
+   weight) with a native ``HOLDScheduler``; before fine-tuning it generates what ``zero_shot`` generates (with
+   ``--solver exp_multistep`` the two use different grids, so they differ by the grid's error), and it is the
+   starting point of a HOLD fine-tune. Its pipeline is saved to ``<output_dir>/hold_pipeline``.
 
 All three run the unmodified ``StableDiffusionPipeline.__call__`` (guidance, ``num_images_per_prompt``, generator).
 Each writes a grid ``<output_dir>/<name>.png``; ``comparison.png`` stacks them, one row each. Without a checkpoint at
@@ -35,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/text_to_image_hold"))
     parser.add_argument("--hold_order", type=int, default=3, help="HOLD order (blocks of the state).")
-    parser.add_argument("--solver", choices=["euler_maruyama", "sscs", "ddim"], default="sscs")
+    parser.add_argument(
+        "--solver", choices=["euler_maruyama", "sscs", "ddim", "exp_multistep"], default="sscs",
+        help='"exp_multistep" (try 10-25 steps): the few-step solver with the settings the README recommends, '
+        "for zero_shot on the VP model's own timesteps (vp_linspace), for converted on the log1p grid.",
+    )  # fmt: skip
     parser.add_argument("--num_inference_steps", type=int, default=100)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
@@ -50,10 +55,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     pipe.to(device)
     stock_scheduler, stock_unet = pipe.scheduler, pipe.unet
     hold = {"solver": args.solver, "timestep_spacing": "quadratic"}
+    zero_shot_settings = hold
+    if args.solver == "exp_multistep":
+        hold = {**hold, "algorithm_type": "sde-dpmsolver++", "timestep_spacing": "log1p", "denoise_final": False}
+        zero_shot_settings = {**hold, "timestep_spacing": "vp_linspace", "lower_order_final": True}
 
     def zero_shot(pipe: StableDiffusionPipeline) -> None:
         pipe.scheduler = HOLDScheduler.from_config(
-            stock_scheduler.config, order=args.hold_order, prediction_type="vp_epsilon", **hold
+            stock_scheduler.config, order=args.hold_order, prediction_type="vp_epsilon", **zero_shot_settings
         )
 
     def converted(pipe: StableDiffusionPipeline) -> None:

@@ -1,6 +1,7 @@
 """The text-to-image example, end to end on a tiny local pipeline folder."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +32,17 @@ def test_text_to_image_example_samples_stock_zero_shot_and_converted(tmp_path):
     assert (written["hold_pipeline"] / "unet" / "diffusion_pytorch_model.safetensors").exists()
     comparison = Image.open(written["comparison"])
     assert comparison.size[1] > 2.5 * Image.open(written["stock"]).size[1]  # three rows
+
+
+def test_text_to_image_example_few_step_solver(tmp_path):
+    """``--solver exp_multistep``: the few-step settings the README recommends, saved with the converted pipeline."""
+    tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "sd")
+    example = load_example("text_to_image_hold")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "sd"), "--output_dir", str(tmp_path / "out")]
+    written = example.main([*argv, "--solver", "exp_multistep", "--num_inference_steps", "5"])
+    grids = {name: np.asarray(Image.open(written[name]), dtype=float) for name in ("stock", "zero_shot", "converted")}
+    assert np.abs(grids["stock"] - grids["zero_shot"]).mean() > 5
+    saved = json.loads((written["hold_pipeline"] / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["solver"], saved["algorithm_type"], saved["timestep_spacing"]) == (
+        "exp_multistep", "sde-dpmsolver++", "log1p"
+    )  # fmt: skip
