@@ -1,13 +1,15 @@
 """Few-step HOLD sampling of learned models: FD-PCA of ``exp_multistep`` at 10-50 calls against 250-step references.
 
     python benchmarks/bench_learned_sampler.py [--part {all,native,zero_shot}] [--train_steps 1200]
-        [--num_samples 512] [--models_dir DIR]
+        [--num_samples 512] [--models_dir DIR] [--train_seed 0] [--samplers NAME ...]
 
 **Models.** Two 1.1M-parameter UNets of the digits demo's architecture (``examples/train_unconditional_digits.py``)
-trained the same way (``--train_steps`` updates of batch 64, AdamW 2e-3 with cosine decay, seed 0) on scikit-learn's
-1,797 digits at 16x16: a native HOLD-3 model (``HOLDUNet2DModel``, predicting the last block's noise) and a DDPM
-baseline (``UNet2DModel`` with diffusers' ``DDPMScheduler``, linear betas). Both are saved under ``--models_dir`` and
-reused by later runs.
+trained the same way (``--train_steps`` updates of batch 64, AdamW 2e-3 with cosine decay, ``--train_seed``) on
+scikit-learn's 1,797 digits at 16x16: a native HOLD-3 model (``HOLDUNet2DModel``, predicting the last block's noise)
+and a DDPM baseline (``UNet2DModel`` with diffusers' ``DDPMScheduler``, linear betas). Both are saved under
+``--models_dir`` and reused by later runs. A different ``--train_seed`` trains (and keeps) models of its own, to check
+on a model the settings were not chosen on; ``--samplers`` restricts a run to the named samplers (the keys of the
+report, without ``@calls``).
 
 **Samplers.** Native HOLD-3: Euler-Maruyama and SSCS at 250 calls (the references) and ``exp_multistep`` at 10, 25
 and 50 calls (``dpmsolver`` at solver orders 2 and 3, ``dpmsolver++`` and ``sde-dpmsolver++`` at 2; ``log1p``
@@ -27,7 +29,7 @@ native model the standard deviation of each auxiliary block at the end (a diverg
 (issue 13): native ``exp_multistep`` at 25 calls within 10 % of the 250-call Euler-Maruyama FD with finite, O(1)
 auxiliary blocks; zero-shot at 10 and 25 calls within 5 % of DPM-Solver++ 2M. Results go to
 ``benchmarks/results/learned_sampler.json`` (``--part native`` or ``zero_shot``: one half, with only its model
-trained, to ``learned_sampler_<part>.json``).
+trained, to ``learned_sampler_<part>.json``; a ``--train_seed`` other than 0 adds ``_train_seed<n>`` to the name).
 """
 
 from __future__ import annotations
@@ -93,15 +95,16 @@ def train(model, scheduler, images: torch.Tensor, steps: int, seed: int = 0):
     return model.eval()
 
 
-def trained_model(kind: str, images: torch.Tensor, steps: int, models_dir: Path):
-    """The native HOLD-3 (``"hold3"``) or DDPM (``"ddpm"``) digits model, trained once and then loaded from
-    ``models_dir``."""
+def trained_model(kind: str, images: torch.Tensor, steps: int, models_dir: Path, seed: int = 0):
+    """The native HOLD-3 (``"hold3"``) or DDPM (``"ddpm"``) digits model, trained once with ``seed`` and then loaded
+    from ``models_dir``."""
     model_class, scheduler = (HOLDUNet2DModel, HOLDScheduler(order=3)) if kind == "hold3" else (UNet2DModel, None)
-    folder = models_dir / f"{kind}_{steps}"
+    folder = models_dir / (f"{kind}_{steps}" + (f"_seed{seed}" if seed else ""))
     if not folder.exists():
         extra = {"hold_order": 3} if kind == "hold3" else {}
+        torch.manual_seed(seed)  # the initial weights
         unet = model_class(in_channels=1, out_channels=1, **extra, **UNET)
-        train(unet, scheduler or DDPMScheduler(), images, steps).save_pretrained(folder)
+        train(unet, scheduler or DDPMScheduler(), images, steps, seed).save_pretrained(folder)
     return model_class.from_pretrained(folder).eval()
 
 
@@ -139,14 +142,17 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=512)
     parser.add_argument("--models_dir", type=Path, default=Path("outputs/learned_sampler"))
     parser.add_argument("--part", choices=("all", "native", "zero_shot"), default="all")
+    parser.add_argument("--train_seed", type=int, default=0)
+    parser.add_argument("--samplers", nargs="+", default=None, help="run only these samplers (report keys)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+
+    def selected(samplers: dict) -> list:
+        return [item for item in samplers.items() if args.samplers is None or item[0] in args.samplers]
+
     load, start = ForeignLoad(), time.perf_counter()
     images, _ = load_digits_images(16)
     run_native, run_zero_shot = args.part in ("all", "native"), args.part in ("all", "zero_shot")
-    hold_unet = trained_model("hold3", images, args.train_steps, args.models_dir) if run_native else None
-    ddpm_unet = trained_model("ddpm", images, args.train_steps, args.models_dir) if run_zero_shot else None
-    train_seconds = time.perf_counter() - start
     features = PCAFeatures(32).fit(images)
     reference = features(images)
 
@@ -161,13 +167,13 @@ def main() -> None:
         "exp2m_dpmpp": ({**FEW_STEP, "solver_order": 2, "algorithm_type": "dpmsolver++"}, (10, 25, 50)),
         "exp2m_sde": ({**FEW_STEP, "solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, (10, 25, 50)),
     }
-    results: dict = {"num_samples": args.num_samples, "train_steps": args.train_steps, "native": {}, "zero_shot": {}}
-    for name, (settings, call_counts) in tqdm(native.items() if run_native else (), desc="native HOLD-3"):
-        scheduler = HOLDScheduler(order=3, **settings)
-        for calls in call_counts:
-            runs = [sample_native(hold_unet, scheduler, calls, args.num_samples, seed) for seed in SEEDS]
-            results["native"][f"{name}@{calls}"] = summary([fd(x) for x, _ in runs], [aux for _, aux in runs])
-
+    results: dict = {
+        "num_samples": args.num_samples,
+        "train_steps": args.train_steps,
+        "train_seed": args.train_seed,
+        "native": {},
+        "zero_shot": {},
+    }
     ddpm_config = DDPMScheduler().config
     late = vp_timestep_at_start(3, LATE_START)
     zero_shot = {  # name -> (scheduler factory, first timestep of a VP grid or None)
@@ -195,14 +201,27 @@ def main() -> None:
             lambda kw=settings: HOLDScheduler.from_config(ddpm_config, order=3, prediction_type="vp_epsilon", **kw),
             None,
         )
-    for name, (make, vp_start) in tqdm(zero_shot.items() if run_zero_shot else (), desc="zero-shot"):
+    unknown = set(args.samplers or ()) - set(native) - set(zero_shot)
+    if unknown:
+        parser.error(f"unknown --samplers {sorted(unknown)}; known: {sorted(native) + sorted(zero_shot)}")
+    models = (images, args.train_steps, args.models_dir, args.train_seed)
+    hold_unet = trained_model("hold3", *models) if run_native else None
+    ddpm_unet = trained_model("ddpm", *models) if run_zero_shot else None
+    train_seconds = time.perf_counter() - start
+    for name, (settings, call_counts) in tqdm(selected(native) if run_native else (), desc="native HOLD-3"):
+        scheduler = HOLDScheduler(order=3, **settings)
+        for calls in call_counts:
+            runs = [sample_native(hold_unet, scheduler, calls, args.num_samples, seed) for seed in SEEDS]
+            results["native"][f"{name}@{calls}"] = summary([fd(x) for x, _ in runs], [aux for _, aux in runs])
+    for name, (make, vp_start) in tqdm(selected(zero_shot) if run_zero_shot else (), desc="zero-shot"):
         for calls in (10, 25):
             runs = [sample_position(ddpm_unet, make(), calls, args.num_samples, seed, vp_start) for seed in SEEDS]
             results["zero_shot"][f"{name}@{calls}"] = summary([fd(x) for x in runs])
     results["train_seconds"] = train_seconds
     results["environment"] = {**environment(), "foreign_cpu_share": load.share(torch.get_num_threads())}
     results["wall_time_s"] = time.perf_counter() - start
-    path = RESULTS if args.part == "all" else RESULTS.with_name(f"learned_sampler_{args.part}.json")
+    name = "learned_sampler" + ("" if args.part == "all" else f"_{args.part}")
+    path = RESULTS.with_name(name + (f"_train_seed{args.train_seed}" if args.train_seed else "") + ".json")
     finish(results, path, print_report)
 
 
@@ -229,17 +248,22 @@ def print_report(results: dict) -> None:
     print("\nzero-shot HOLD-3 on the DDPM model:")
     for key, row in results["zero_shot"].items():
         print(f"  {key:<22} {row['mean']:7.3f} +- {row['sd']:.3f}")
+    rows = results["zero_shot"]
     for calls in (10, 25):
-        dpm = results["zero_shot"][f"dpmsolver++2m@{calls}"]["mean"]
-        zero_shot = results["zero_shot"].items()
-        best = min(row["mean"] for key, row in zero_shot if key.startswith("hold3") and key.endswith(f"@{calls}"))
-        better_dpm = min(dpm, results["zero_shot"][f"dpmsolver++2m_late@{calls}"]["mean"])
-        recommended = results["zero_shot"][f"hold3_exp2m_sde_vp@{calls}"]["mean"]
-        print(
-            f"  best HOLD-3 exp_multistep / DPM-Solver++ 2M at {calls} calls: {best / dpm:.3f} (target <= 1.05); "
-            f"/ the better of DPM-Solver++ 2M's two starts: {best / better_dpm:.3f}; the recommended settings "
-            f"(sde-dpmsolver++, vp_linspace, lower_order_final) / DPM-Solver++ 2M: {recommended / dpm:.3f}"
-        )
+        if f"dpmsolver++2m@{calls}" not in rows:
+            continue
+        dpm = rows[f"dpmsolver++2m@{calls}"]["mean"]
+        hold = {key: row["mean"] for key, row in rows.items() if key.startswith("hold3") and key.endswith(f"@{calls}")}
+        line = f"  at {calls} calls, / DPM-Solver++ 2M:"
+        if hold:
+            line += f" best HOLD-3 exp_multistep {min(hold.values()) / dpm:.3f} (target <= 1.05)"
+        if f"dpmsolver++2m_late@{calls}" in rows and hold:
+            better_dpm = min(dpm, rows[f"dpmsolver++2m_late@{calls}"]["mean"])
+            line += f"; best HOLD-3 / the better of DPM-Solver++ 2M's two starts {min(hold.values()) / better_dpm:.3f}"
+        if f"hold3_exp2m_sde_vp@{calls}" in hold:
+            recommended = hold[f"hold3_exp2m_sde_vp@{calls}"]
+            line += f"; the recommended (sde-dpmsolver++, vp_linspace, lower_order_final) {recommended / dpm:.3f}"
+        print(line)
 
 
 if __name__ == "__main__":

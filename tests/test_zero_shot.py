@@ -115,3 +115,34 @@ def test_hold_pipeline_samples_a_stock_unet_zero_shot():
             unet=tiny_unet_2d(in_channels=6, out_channels=3),
             scheduler=scheduler,
         )(num_inference_steps=3)
+
+
+def test_hold_pipeline_samples_a_stock_unet_zero_shot_in_few_steps():
+    """The README's few-step zero-shot settings in HOLDPipeline: ten calls of the VP model at evenly spaced VP
+    timesteps, a finite order-3 state at the end, and image i of a batch made with [g_0, g_1] equal to the image
+    made alone with g_i."""
+    unet = tiny_unet_2d(in_channels=3, out_channels=3)
+    scheduler = HOLDScheduler.from_config(
+        DDPMScheduler().config,
+        order=3,
+        prediction_type="vp_epsilon",
+        solver="exp_multistep",
+        solver_order=2,
+        algorithm_type="sde-dpmsolver++",
+        timestep_spacing="vp_linspace",
+        lower_order_final=True,
+        denoise_final=False,
+    )
+    pipe = HOLDPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    unet.register_forward_hook(lambda module, args, output: seen.append(float(args[1])))
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    batch = pipe(batch_size=2, num_inference_steps=10, generator=generators, output_type="latent").images
+    assert batch.shape == (2, 9, 8, 8) and torch.isfinite(batch).all()
+    assert len(seen) == 10
+    np.testing.assert_allclose(np.diff(seen), np.full(9, -seen[0] / 10), rtol=1e-4)
+    single = pipe(num_inference_steps=10, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    # batched and single convolutions differ in float32 rounding only; a wrong generator would differ by O(1)
+    torch.testing.assert_close(batch[1:], single, rtol=0, atol=5e-4 * float(single.abs().max()))
+    assert (batch[0] - batch[1]).abs().max() > 0.1
