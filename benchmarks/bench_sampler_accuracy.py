@@ -1,6 +1,7 @@
 """Sampler accuracy against the number of model calls, for every solver, on two 2-D targets with the exact score.
 
-    python benchmarks/bench_sampler_accuracy.py [--quick] [--num_samples N]
+    python benchmarks/bench_sampler_accuracy.py [--quick] [--num_samples N] [--steps N ...] [--solvers NAME ...]
+        [--output FILE]
 
 **Targets.** ``mixture``: four Gaussians (unequal weights, anisotropic covariances). ``ring``: twelve thin Gaussians
 (standard deviation 0.04) on a circle of radius 1.5, a target with thin structure of a different shape. Exact draws
@@ -18,7 +19,9 @@ so every difference below is discretisation error (plus Monte Carlo noise).
 with ``euler_maruyama``, ``sscs`` and ``ddim`` on the quadratic grid, and ``exp_multistep`` (``dpmsolver``: noise part
 in the ``R_t`` basis) at solver orders 2 and 3 on the ``log1p`` grid without the final denoising call; at HOLD order 3
 also started late (``_late``: ``sampling_T=3.5``, where the position's log-SNR is -6.2, from the prior; ``exp3m_t3``:
-``sampling_T=3.0``, log-SNR -4.9); and the zero-shot recommendation, ``exp2m_vp`` / ``exp2m_sde_vp``
+``sampling_T=3.0``, log-SNR -4.9); at HOLD order 2 also over a longer horizon (``exp3m_T8``: ``T=8``, a
+free setting when sampling zero-shot, where the prior matches the process's law better than at ``T=5``); and the
+zero-shot recommendation, ``exp2m_vp`` / ``exp2m_sde_vp``
 (``dpmsolver`` / ``sde-dpmsolver++`` at solver order 2 with ``timestep_spacing="vp_linspace"`` and
 ``lower_order_final=True``: the VP model called at DPM-Solver++'s evenly spaced timesteps, the last step first order).
 
@@ -28,7 +31,9 @@ error of the mean and relative Frobenius error of the covariance, each the mean 
 2 and 3, ``SW(best HOLD solver at N calls) / SW(DPM-Solver++ 2M at N calls)`` for N in 10, 15, 25, 50 (target: <= 1
 at every N, on both targets), and the same against the best of DPM-Solver++ 2M's three starts. Results go to
 ``benchmarks/results/sampler_accuracy.json`` and the plot of error against model calls to
-``benchmarks/results/sampler_accuracy.png``.
+``benchmarks/results/sampler_accuracy.png`` (``--output``: elsewhere). ``--steps`` and ``--solvers`` (names as in the
+report; ``dpmsolver++2m`` is always run, the score's reference) restrict a run, e.g. to resolve one step count with
+more samples than the floor of the full run allows.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ VP_GRID = {"timestep_spacing": "vp_linspace", "denoise_final": False, "lower_ord
 # model sees there
 LATE_START = 3.5
 LATER_START = 3.0
+# HOLD-2 also run over a longer horizon (`T=8` instead of 5), where its prior matches the process's law
+LONG_HORIZON = 8.0
 SEEDS = (1, 2, 3)
 
 
@@ -197,17 +204,21 @@ def solvers() -> dict:
     }
     late_hold = {f"{name}_late": {**hold_solvers[name], "sampling_T": LATE_START} for name in ("exp2m", "exp3m")}
     late_hold["exp3m_t3"] = {**hold_solvers["exp3m"], "sampling_T": LATER_START}
+    # zero-shot, the horizon T is a sampler setting; HOLD-2's prior at T = 5 is off enough to bias it at 50+ calls
+    long_hold = {"exp3m_T8": {**hold_solvers["exp3m"], "T": LONG_HORIZON}}
     for order in (2, 3):
-        for name, settings in {**hold_solvers, **(late_hold if order == 3 else {})}.items():
+        for name, settings in {**hold_solvers, **(late_hold if order == 3 else long_hold)}.items():
             table[f"hold{order}_{name}"] = lambda g, s, n, seed, o=order, kw=settings: sample_hold(
                 o, g, s, n, seed, **kw
             )
     return table
 
 
-def evaluate(target: Target, n: int, step_counts: tuple[int, ...], seeds: tuple[int, ...]) -> dict:
-    """Every solver at every step count on one target (metrics averaged over sampling ``seeds``), with the Monte
-    Carlo floor and the score."""
+def evaluate(
+    target: Target, n: int, step_counts: tuple[int, ...], seeds: tuple[int, ...], names: list[str] | None = None
+) -> dict:
+    """Every solver (or those in ``names``) at every step count on one target (metrics averaged over sampling
+    ``seeds``), with the Monte Carlo floor and the score."""
     generator = torch.Generator().manual_seed(0)
     reference = target.draw(n, generator)
     directions = torch.randn(64, 2, generator=generator, dtype=torch.float64)
@@ -215,7 +226,8 @@ def evaluate(target: Target, n: int, step_counts: tuple[int, ...], seeds: tuple[
     mean, covariance = target.moments()
     floor = sliced_wasserstein(target.draw(n, generator), reference, directions)
     entry: dict = {"noise_floor_sw": floor, "solvers": {}}
-    for name, sample in tqdm(solvers().items(), desc="solvers", leave=False):
+    table = solvers()
+    for name, sample in tqdm([(n_, table[n_]) for n_ in names or table], desc="solvers", leave=False):
         rows = []
         for steps in step_counts:
             runs = []
@@ -256,6 +268,8 @@ def score(results: dict, step_counts: tuple[int, ...]) -> dict:
                 for name, rows in results.items()
                 if name.startswith(f"hold{order}_")
             }
+            if not candidates:  # a run restricted by --solvers
+                continue
             best = min(candidates, key=candidates.get)
             ratios[str(steps)] = {
                 "solver": best,
@@ -267,24 +281,28 @@ def score(results: dict, step_counts: tuple[int, ...]) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Error against model calls for every solver, one panel per target."""
+    """Error against model calls for every solver, one panel per target; VP solvers dashed, HOLD-2 circles, HOLD-3
+    squares, one colour per solver."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     targets = results["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 5), squeeze=False)
+    names = list(next(iter(targets.values()))["solvers"])
+    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets) + 3.5, 5.5), squeeze=False)
     for ax, (name, entry) in zip(axes[0], targets.items(), strict=True):
         for solver, rows in entry["solvers"].items():
-            style = "-" if solver.startswith("hold") else "--"
+            style = "--" if not solver.startswith("hold") else "-"
+            marker = "s" if solver.startswith("hold3") else "o"
             width = 2.2 if "exp" in solver or solver == "dpmsolver++2m" else 1.0
-            ax.plot(
-                [r["steps"] for r in rows], [r["sw"] for r in rows], style, lw=width, marker="o", ms=3, label=solver
-            )
+            steps, errors = [r["steps"] for r in rows], [r["sw"] for r in rows]
+            ax.plot(steps, errors, style, color=colours[solver], lw=width, marker=marker, ms=4, label=solver)
         ax.axhline(entry["noise_floor_sw"], color="grey", lw=0.8, ls=":", label="Monte Carlo floor")
         ax.set(xscale="log", yscale="log", xlabel="model calls", ylabel="sliced Wasserstein-1", title=name)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,18 +312,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Fewer points and step counts (a few minutes).")
     parser.add_argument("--num_samples", type=int, default=None)
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="model-call counts (default: all)")
+    parser.add_argument("--solvers", nargs="+", default=None, help="run only these solvers (and dpmsolver++2m)")
+    parser.add_argument("--output", type=Path, default=None, help="results file (the plot goes beside it)")
     args = parser.parse_args()
+    names = None
+    if args.solvers:
+        unknown = sorted(set(args.solvers) - set(solvers()))
+        if unknown:
+            parser.error(f"unknown --solvers {unknown}; known: {sorted(solvers())}")
+        names = ["dpmsolver++2m"] + [name for name in args.solvers if name != "dpmsolver++2m"]
+    if args.steps and min(args.steps) < 2:
+        parser.error("--steps must be at least 2")
     torch.set_num_threads(1)
     n = args.num_samples or (5000 if args.quick else 20000)
-    step_counts = (10, 25, 50) if args.quick else STEPS
+    step_counts = tuple(args.steps) if args.steps else (10, 25, 50) if args.quick else STEPS
     load, start = ForeignLoad(), time.perf_counter()
     seeds = SEEDS[:1] if args.quick else SEEDS
     results: dict = {"num_samples": n, "steps": list(step_counts), "seeds": list(seeds), "targets": {}}
     for name, target in tqdm(TARGETS.items(), desc="targets"):
-        results["targets"][name] = evaluate(target, n, step_counts, seeds)
+        results["targets"][name] = evaluate(target, n, step_counts, seeds, names)
     results["environment"] = {**environment(), "foreign_cpu_share": load.share(torch.get_num_threads())}
     results["wall_time_s"] = time.perf_counter() - start
-    path = RESULTS.with_name("sampler_accuracy_quick.json") if args.quick else RESULTS
+    path = args.output or (RESULTS.with_name("sampler_accuracy_quick.json") if args.quick else RESULTS)
     plot(results, path.with_suffix(".png"))
     finish(results, path, print_report)
 
