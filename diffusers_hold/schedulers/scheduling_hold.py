@@ -164,7 +164,10 @@ class HOLDScheduler(SchedulerMixin, ConfigMixin):
     Args:
         order (`int`, defaults to 3): number of HOLD blocks ``n >= 1`` (position, velocity, acceleration, ...).
         num_train_timesteps (`int`, defaults to 1000): scale of the timestep the model sees (``t = T`` maps to it).
-        T (`float`, defaults to 5.0): time horizon of the forward process.
+        T (`float`, defaults to 5.0): time horizon of the forward process. A HOLD model is trained for one; with
+            `"vp_epsilon"` it is a free sampling setting. At order 2 the position still holds 4 % of the data at
+            ``T = 5``, so the standard-normal prior biases sampling once steps are many; ``T = 8`` removes it
+            (``benchmarks/bench_sampler_accuracy.py``, 50 calls).
         L_inv (`float`, defaults to 1.0): stationary variance of every block; the prior is ``N(0, L_inv)``.
         aux_init_var (`float`, defaults to 0.08): ``alpha``; auxiliary blocks start as ``N(0, alpha * L_inv)``.
         eps_num (`float`, defaults to 1e-6): jitter on the diagonal of the kernel covariance.
