@@ -227,7 +227,8 @@ def evaluate(
     floor = sliced_wasserstein(target.draw(n, generator), reference, directions)
     entry: dict = {"noise_floor_sw": floor, "solvers": {}}
     table = solvers()
-    for name, sample in tqdm([(n_, table[n_]) for n_ in names or table], desc="solvers", leave=False):
+    for name in tqdm(names or list(table), desc="solvers", leave=False):
+        sample = table[name]
         rows = []
         for steps in step_counts:
             runs = []
@@ -295,7 +296,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets) + 3.5, 5.5), squeeze=False)
     for ax, (name, entry) in zip(axes[0], targets.items(), strict=True):
         for solver, rows in entry["solvers"].items():
-            style = "--" if not solver.startswith("hold") else "-"
+            style = "-" if solver.startswith("hold") else "--"
             marker = "s" if solver.startswith("hold3") else "o"
             width = 2.2 if "exp" in solver or solver == "dpmsolver++2m" else 1.0
             steps, errors = [r["steps"] for r in rows], [r["sw"] for r in rows]
@@ -318,9 +319,10 @@ def main() -> None:
     args = parser.parse_args()
     names = None
     if args.solvers:
-        unknown = sorted(set(args.solvers) - set(solvers()))
+        known = sorted(solvers())
+        unknown = sorted(set(args.solvers) - set(known))
         if unknown:
-            parser.error(f"unknown --solvers {unknown}; known: {sorted(solvers())}")
+            parser.error(f"unknown --solvers {unknown}; known: {known}")
         names = ["dpmsolver++2m"] + [name for name in args.solvers if name != "dpmsolver++2m"]
     if args.steps and min(args.steps) < 2:
         parser.error("--steps must be at least 2")
