@@ -67,11 +67,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ddpm", "hold2", "hold3", "hold4"], choices=BENCH_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num_evaluations", type=int, default=6)
-    parser.add_argument(
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
         "--train_steps", type=int, default=None,
         help="Updates per run instead of the study's (results and saved states get an _<n>_updates suffix).",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="300 updates, 64 samples, 2 evaluations: a smoke run.")
+    length.add_argument("--quick", action="store_true", help="300 updates, 64 samples, 2 evaluations: a smoke run.")
     parser.add_argument("--state_dir", type=Path, default=Path("outputs/frontier_state"))
     parser.add_argument("--output", type=Path, default=None, help="Default: benchmarks/results/frontier/<study>.json")
     parser.add_argument(
