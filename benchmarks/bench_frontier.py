@@ -1,7 +1,7 @@
 """Memorization against quality along training, by HOLD order: does HOLD copy less than DDPM at equal quality?
 
     python benchmarks/bench_frontier.py --study digits32 [--methods ddpm hold2 hold3 hold4] [--seeds 0 1 2]
-        [--train_steps N] [--quick]
+        [--train_steps N] [--quick] [--add_to RESULTS_FILE]
 
 **Claim** (seed ``000``). Driving the data path by a low-pass-filtered score reduces memorization, more as the HOLD
 order rises. A model that copies less only because it has learned less proves nothing, so the comparison is made at
@@ -29,6 +29,8 @@ Studies (``--study``): ``digits32`` (the bench default: 32 digits at 8x8, 2,000 
 ``benchmarks/results/frontier/<study>.json`` and ``.png`` (or ``--output``); trained states to
 ``--state_dir/<study>/<n>_evaluations/seed<k>/<method>.pt`` (a rerun resumes, and a run with more methods reuses the
 trained ones); sample grids (one row per evaluation, earliest on top) to ``<output>_samples/`` beside the results file.
+``--add_to <results file>`` trains only the methods named and adds them to a committed study (same settings and
+seeds, checked before training), so a study grows without its saved states.
 """
 
 from __future__ import annotations
@@ -74,7 +76,15 @@ def main() -> None:
     )  # fmt: skip
     length.add_argument("--quick", action="store_true", help="300 updates, 64 samples, 2 evaluations: a smoke run.")
     parser.add_argument("--state_dir", type=Path, default=Path("outputs/frontier_state"))
-    parser.add_argument("--output", type=Path, default=None, help="Default: benchmarks/results/frontier/<study>.json")
+    destination = parser.add_mutually_exclusive_group()
+    destination.add_argument(
+        "--output", type=Path, default=None, help="Default: benchmarks/results/frontier/<study>.json"
+    )  # fmt: skip
+    destination.add_argument(
+        "--add_to", type=Path, default=None,
+        help="Add these methods to an existing results file of the same study, settings and seeds (its baseline "
+        "stays first); rewrites its summary, report and figure.",
+    )  # fmt: skip
     parser.add_argument(
         "--from_results", type=Path, default=None,
         help="Recompute the summary, report and figure of this results file from its curves, without training.",
@@ -87,24 +97,17 @@ def main() -> None:
         plot_frontier(results, args.from_results.with_suffix(".png"))
         return
     torch.set_num_threads(1)  # the models are tiny: one thread is faster than two here
-    config = replace(STUDIES[args.study], methods=args.methods, num_evaluations=args.num_evaluations)
-    name = args.study
-    if args.train_steps is not None:
-        config = replace(config, train_steps=args.train_steps)
-        name += f"_{args.train_steps}_updates"
-    if args.quick:
-        config = replace(config, train_steps=300, num_samples=64, num_evaluations=2, hold_steps=50)
-        name += "_quick"
-    output = args.output or RESULTS / f"{name}.json"
+    config, name = study_config(args.study, args.methods, args.num_evaluations, args.train_steps, args.quick)
+    config_dict = {k: v for k, v in asdict(config).items() if k != "seed"}
+    output = args.add_to or args.output or RESULTS / f"{name}.json"
+    existing = check_addition(args.add_to, args.study, config_dict, args.seeds) if args.add_to else None
     start, load = time.perf_counter(), ForeignLoad()
     curves: dict[str, dict[str, list[dict]]] = {}
     for method in args.methods:
         for seed in args.seeds:
             run_config = replace(config, seed=seed)
             train, held_out = load_bench_data(run_config)
-            # one folder per study, evaluation plan and seed, so that another --output (more methods) reuses the
-            # trained models
-            state_dir = args.state_dir / name / f"{config.num_evaluations}_evaluations" / f"seed{seed}"
+            state_dir = state_folder(args.state_dir, name, config, seed)
             state_dir.mkdir(parents=True, exist_ok=True)
             grid_rows = []
             result, _ = train_and_evaluate(
@@ -121,7 +124,11 @@ def main() -> None:
             ))  # fmt: skip
     env = environment(("torch", "diffusers"))
     env["foreign_cpu_share"] = load.share(env["cpu_count"])
-    config_dict = {k: v for k, v in asdict(config).items() if k != "seed"}
+    if existing is not None:
+        results = merge_addition(existing, curves, env, time.perf_counter() - start)
+        finish(results, output, print_report)
+        plot_frontier(results, output.with_suffix(".png"))
+        return
     results = {
         "study": args.study,
         "config": config_dict,
@@ -133,6 +140,62 @@ def main() -> None:
     }
     finish(results, output, print_report)
     plot_frontier(results, output.with_suffix(".png"))
+
+
+def study_config(
+    study: str, methods: list[str], num_evaluations: int, train_steps: int | None = None, quick: bool = False
+) -> tuple[BenchConfig, str]:
+    """A study's settings and its name (the results file's stem and the state folder's): ``<study>``, with
+    ``_<n>_updates`` for another length or ``_quick`` for the smoke run."""
+    config = replace(STUDIES[study], methods=methods, num_evaluations=num_evaluations)
+    name = study
+    if train_steps is not None:
+        config = replace(config, train_steps=train_steps)
+        name += f"_{train_steps}_updates"
+    if quick:
+        config = replace(config, train_steps=300, num_samples=64, num_evaluations=2, hold_steps=50)
+        name += "_quick"
+    return config, name
+
+
+def state_folder(state_dir: Path, name: str, config: BenchConfig, seed: int) -> Path:
+    """Where a study's trained states are kept: one folder per study, evaluation plan and seed, so that a run with
+    other methods (another ``--output``) reuses the trained models."""
+    return state_dir / name / f"{config.num_evaluations}_evaluations" / f"seed{seed}"
+
+
+def check_addition(path: Path, study: str, config: dict, seeds: list[int]) -> dict:
+    """The results file that ``--add_to`` extends, refused unless its runs are comparable with these (same study,
+    settings other than the methods, and seeds); checked before any training."""
+    existing = json.loads(path.read_text())
+    theirs = {k: v for k, v in existing["config"].items() if k != "methods"}
+    ours = json.loads(json.dumps({k: v for k, v in config.items() if k != "methods"}))  # tuples as JSON has them
+    if existing["study"] != study or theirs != ours:
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        differing = ", ".join(changed) or "study"
+        raise SystemExit(f"{path} holds study {existing['study']!r} with other settings ({differing}).")
+    if existing["seeds"] != seeds:
+        raise SystemExit(f"{path} holds seeds {existing['seeds']}; this run has {seeds}.")
+    overlap = sorted(set(existing["curves"]) & set(config["methods"]))
+    if overlap:
+        raise SystemExit(f"{path} already holds {', '.join(overlap)}; add other methods.")
+    return existing
+
+
+def merge_addition(existing: dict, curves: dict, env: dict, seconds: float) -> dict:
+    """``existing`` with the new methods' curves after its own (its baseline, hence the quality target, stays) and
+    the summaries recomputed; the added run's environment and time are kept beside the first run's."""
+    merged_curves = {**existing["curves"], **curves}
+    config = {**existing["config"], "methods": list(merged_curves)}
+    additions = existing.get("additions", []) + [{"methods": list(curves), "environment": env, "wall_time_s": seconds}]
+    return {
+        **existing,
+        "config": config,
+        "curves": merged_curves,
+        **summarize(merged_curves),
+        "additions": additions,
+        "wall_time_s": existing["wall_time_s"] + seconds,
+    }
 
 
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:

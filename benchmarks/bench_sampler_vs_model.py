@@ -2,7 +2,7 @@
 sampled by several samplers.
 
     python benchmarks/bench_frontier.py --study photos8              # trains and keeps the models first
-    python benchmarks/bench_sampler_vs_model.py --study photos8 [--seeds 0 1 2] [--quick]
+    python benchmarks/bench_sampler_vs_model.py --study photos8 [--seeds 0 1 2] [--train_steps N | --quick]
 
 **Question** (issue 15). On RGB natural-image patches HOLD-3's generations look like noisy, blotchy renditions of
 training images. If the noise comes from the sampler, more steps, another solver or the final denoising step remove
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_frontier import RESULTS, STUDIES, mean_interval
+from bench_frontier import RESULTS, STUDIES, mean_interval, state_folder, study_config
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 from harness import ForeignLoad, environment, finish
 
@@ -61,14 +61,14 @@ def main() -> None:
     parser.add_argument("--study", choices=sorted(STUDIES), default="photos8")
     parser.add_argument("--methods", nargs="+", default=["ddpm", "hold3"], choices=BENCH_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true", help="the models of bench_frontier.py --quick")
+    parser.add_argument("--num_evaluations", type=int, default=6, help="the frontier run's (its state folder)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--train_steps", type=int, default=None, help="the models of bench_frontier.py --train_steps")
+    length.add_argument("--quick", action="store_true", help="the models of bench_frontier.py --quick")
     parser.add_argument("--state_dir", type=Path, default=Path("outputs/frontier_state"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = STUDIES[args.study]
-    if args.quick:  # the settings of bench_frontier.py --quick
-        config = replace(config, train_steps=300, num_samples=64)
-    stem = f"{args.study}{'_quick' if args.quick else ''}"
+    config, stem = study_config(args.study, args.methods, args.num_evaluations, args.train_steps, args.quick)
     start, load = time.perf_counter(), ForeignLoad()
     scores: dict[str, dict[str, list[dict]]] = {}
     grid_rows = []
@@ -78,7 +78,9 @@ def main() -> None:
         if seed == args.seeds[0]:
             grid_rows.append(held_out[:GRID_COLUMNS])
         for method in args.methods:
-            model = load_final_model(method, run_config, args.state_dir / stem / f"seed{seed}", train.shape[1])
+            model = load_final_model(
+                method, run_config, state_folder(args.state_dir, stem, config, seed), train.shape[1]
+            )
             for sampler, generated in sample_all(model, run_config).items():
                 result = {k: v for k, v in evaluate(generated, train, held_out, run_config).items() if k in SCORES}
                 result["roughness"] = roughness(generated) / roughness(held_out)
