@@ -33,7 +33,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 from harness import ForeignLoad, environment, finish
 
 from diffusers_hold import HOLDPipeline, HOLDScheduler
-from diffusers_hold.bench import BENCH_METHODS, build_model, evaluate, load_bench_data
+from diffusers_hold.bench import BENCH_METHODS, EXP_SDE_SAMPLER, build_model, evaluate, load_bench_data
 from diffusers_hold.utils import atomic_output, image_grid, to_pil_image
 
 # sampler name -> (steps, settings on top of the bench's scheduler)
@@ -41,15 +41,7 @@ HOLD_SAMPLERS = {
     "em_200": (200, {}),
     "em_1000": (1000, {}),
     "em_200_no_final_denoise": (200, {"denoise_final": False}),
-    "exp_sde_50": (
-        50,
-        {
-            "solver": "exp_multistep",
-            "algorithm_type": "sde-dpmsolver++",
-            "timestep_spacing": "log1p",
-            "denoise_final": False,
-        },
-    ),  # fmt: skip
+    "exp_sde_50": (50, EXP_SDE_SAMPLER),
 }
 DDPM_SAMPLERS = {"ddim_50": 50, "ddpm_1000": 1000}
 SCORES = ("memorized", "closer_than_held_out", "frechet_distance", "precision", "recall", "roughness")

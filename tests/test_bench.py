@@ -311,3 +311,35 @@ def test_data_and_sizes_are_checked_before_the_folder_is_claimed_and_foreign_sta
     with pytest.raises(ValueError, match=r"ddpm\.pt holds objects other than tensors"):
         run_bench(config, out, progress=False)
     assert not marker.exists()
+
+
+def test_a_hold_method_with_its_own_sampler_trains_like_its_order_and_samples_with_that_sampler():
+    from diffusers_hold import HOLDPipeline, HOLDScheduler
+    from diffusers_hold.bench import EXP_SDE_SAMPLER
+    from diffusers_hold.bench.run import _sample
+
+    config = BenchConfig(methods=["hold3", "hold3_exp50"], **TINY)
+    train, _ = load_bench_data(config)
+    torch.manual_seed(0)
+    model, scheduler = build_model(BENCH_METHODS["hold3"], config, channels=1)
+    torch.manual_seed(0)
+    same_model, same_scheduler = build_model(BENCH_METHODS["hold3_exp50"], config, channels=1)
+    # the same model and forward process: only sampling differs
+    assert scheduler.config == same_scheduler.config and model.config == same_model.config
+    weights, same_weights = model.state_dict(), same_model.state_dict()
+    assert weights.keys() == same_weights.keys() and all(torch.equal(weights[k], same_weights[k]) for k in weights)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    generated = {}
+    for name in ("hold3", "hold3_exp50"):
+        calls.clear()
+        generated[name] = _sample(model, scheduler, config, BENCH_METHODS[name], train)
+        assert len(calls) == (50 if name == "hold3_exp50" else TINY["hold_steps"])
+        assert generated[name].shape == (TINY["num_samples"], 1, 8, 8) and torch.isfinite(generated[name]).all()
+    # hold3_exp50 is the exponential SDE solver from the bench's generator seed, not the scheduler it was given
+    pipe = HOLDPipeline(unet=model, scheduler=HOLDScheduler.from_config(scheduler.config, **EXP_SDE_SAMPLER))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(batch_size=TINY["num_samples"], num_inference_steps=50, output_type="pt",
+                    generator=torch.Generator().manual_seed(config.seed + 1)).images * 2 - 1  # fmt: skip
+    torch.testing.assert_close(generated["hold3_exp50"], expected.float())
+    assert not torch.allclose(generated["hold3"], generated["hold3_exp50"], atol=1e-2)

@@ -23,7 +23,7 @@ text-conditional methods) and :mod:`.cli` (the flags).
 """
 
 from .cli import build_parser, config_from_args, main, run_from_args
-from .methods import BENCH_METHODS, DEFAULT_METHODS, BenchConfig, BenchMethod, dit_inputs
+from .methods import BENCH_METHODS, DEFAULT_METHODS, EXP_SDE_SAMPLER, BenchConfig, BenchMethod, dit_inputs
 from .report import check_evaluation_sizes, evaluate, results_table, write_figures
 from .run import build_model, load_bench_data, run_bench, train_and_evaluate
 from .text import BenchTextEncoder, bench_caption
@@ -31,6 +31,7 @@ from .text import BenchTextEncoder, bench_caption
 __all__ = [
     "BENCH_METHODS",
     "DEFAULT_METHODS",
+    "EXP_SDE_SAMPLER",
     "BenchConfig",
     "BenchMethod",
     "BenchTextEncoder",

@@ -31,7 +31,17 @@ from ..mitigations import (
 )
 from .text import BenchTextEncoder, bench_caption
 
-__all__ = ["BENCH_METHODS", "DEFAULT_METHODS", "BenchConfig", "BenchMethod", "dit_inputs"]
+__all__ = ["BENCH_METHODS", "DEFAULT_METHODS", "EXP_SDE_SAMPLER", "BenchConfig", "BenchMethod", "dit_inputs"]
+
+# HOLDScheduler settings of the second-order stochastic exponential integrator (sde-dpmsolver++ form, log1p grid,
+# no final denoising step). At 50 model calls it finishes the 16x16 photo patches that the bench's 200
+# Euler-Maruyama steps leave noisy (benchmarks/bench_sampler_vs_model.py, issue 15).
+EXP_SDE_SAMPLER = {
+    "solver": "exp_multistep",
+    "algorithm_type": "sde-dpmsolver++",
+    "timestep_spacing": "log1p",
+    "denoise_final": False,
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class BenchMethod:
             ``config.guidance_scale``.
         trained_by (`str`, *optional*): an inference-time method trains nothing: it samples the final model of this
             method (which must come earlier in the run) and is evaluated once, at the end.
+        hold_sampler (`dict`): settings of the HOLD scheduler used to sample a HOLD model, on top of the bench's
+            (Euler-Maruyama on a quadratic grid), e.g. :data:`EXP_SDE_SAMPLER`; training is unchanged.
+        hold_sampling_steps (`int`, *optional*): model calls per generation of a HOLD model; `None` uses
+            ``BenchConfig.hold_steps``.
         transformer (`bool`, defaults to `False`): train a small DiT (diffusers' ``DiTTransformer2DModel``: patch
             size 2, 4 layers of 8 heads of width 8, one class, no label dropout) instead of the UNet, as Ye et al.
             prune.
@@ -63,6 +77,8 @@ class BenchMethod:
     description: str
     hold_order: int | None = None
     hold_settings: dict[str, float] = field(default_factory=dict)
+    hold_sampler: dict[str, Any] = field(default_factory=dict)
+    hold_sampling_steps: int | None = None
     callbacks: Callable[[Any, BenchConfig, torch.Tensor], list[TrainingCallback]] = field(
         default=lambda scheduler, config, train: [], repr=False
     )
@@ -162,6 +178,17 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("hold2", "HOLD order 2", hold_order=2),
         BenchMethod("hold3", "HOLD order 3", hold_order=3),
         BenchMethod("hold4", "HOLD order 4", hold_order=4),
+        # the same training, sampled along training by a solver that finishes 16x16 samples in 50 calls (issue 15)
+        *(
+            BenchMethod(
+                f"hold{order}_exp50",
+                f"HOLD order {order}, sampled by the exponential SDE solver at 50 calls",
+                hold_order=order,
+                hold_sampler=EXP_SDE_SAMPLER,
+                hold_sampling_steps=50,
+            )
+            for order in (2, 3, 4)
+        ),
         # HOLD's own settings (issue 15): the HOLD++ reference code's CIFAR value of L_inv, auxiliaries started at
         # the prior's variance instead of 0.08, shorter and longer horizons T, and HOLD on top of IET
         BenchMethod("hold3_linv05", "HOLD order 3, L_inv 0.5", hold_order=3, hold_settings={"L_inv": 0.5}),

@@ -142,7 +142,10 @@ def _sample(model, scheduler, config: BenchConfig, method: BenchMethod, train: t
     model.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
     hold = isinstance(scheduler, HOLDScheduler)
-    sampler = scheduler if hold else DDIMScheduler.from_config(scheduler.config)
+    if hold:
+        sampler = HOLDScheduler.from_config(scheduler.config, **method.hold_sampler)
+    else:
+        sampler = DDIMScheduler.from_config(scheduler.config)
     guidance = method.sampling_guidance or (lambda *args: contextlib.nullcontext())
     with guidance(model, sampler, train, config):
         if method.text_conditional:
@@ -155,7 +158,7 @@ def _sample(model, scheduler, config: BenchConfig, method: BenchMethod, train: t
             images = pipe(
                 batch_size=config.num_samples,
                 generator=generator,
-                num_inference_steps=config.hold_steps if hold else config.ddim_steps,
+                num_inference_steps=(method.hold_sampling_steps or config.hold_steps) if hold else config.ddim_steps,
                 output_type="pt" if hold else "np",  # HOLDPipeline gives NCHW tensors, DDIMPipeline NHWC arrays
             ).images
             images = (images if hold else torch.from_numpy(images).permute(0, 3, 1, 2)).float() * 2 - 1
